@@ -1,0 +1,1 @@
+"""The click front end of trimdb; each command is a thin adapter over one library call."""

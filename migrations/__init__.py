@@ -1,0 +1,1 @@
+"""Alembic migrations of the trimdb DuckDB schema, applied by trimdb.store on open."""

@@ -1,0 +1,270 @@
+"""`trimdb query`: fingerprints for each target task, then exact TRIM scores from stored vectors.
+
+Stages, in order:
+1. load the index's model and check its identity against the catalog;
+2. forward passes over the target samples only, with attention on the last L layers;
+3. saliency and token-class fingerprints per task;
+4. one streaming pass over the stored vector segments scores every task at once;
+5. rank, select the budget, and write fingerprints, scores and selections in one transaction.
+
+No forward pass runs over the pool: its token states were stored by `trimdb index`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from trimdb.errors import InputError, RenderError, SettingsError, StorageError
+from trimdb.fingerprints import Fingerprints, build_fingerprints
+from trimdb.forward import encode
+from trimdb.indexing import check_index_ready
+from trimdb.models import check_identity, load_model
+from trimdb.records import read_samples
+from trimdb.render import PROMPT, RESPONSE, TEMPLATE, Renderer
+from trimdb.saliency import blend_saliency
+from trimdb.scoring import SampleAccumulator, SampleScores, rank_samples, score_tokens
+from trimdb.settings import IndexSettings, ScoreSettings, budget_size, parse_budget
+from trimdb.store import Store
+
+log = logging.getLogger(__name__)
+
+# Token vectors scored per chunk: 65,536 x 576 float32 is 150 MB, a bound on scan memory.
+SCAN_CHUNK = 65_536
+SCOPE_PARTS = {"all": (PROMPT, RESPONSE), "response": (RESPONSE,), "prompt": (PROMPT,)}
+
+
+@dataclass
+class TaskResult:
+    """One target task's fingerprints and its place in the query run."""
+
+    task: str
+    target_path: str
+    n_targets: int
+    n_target_tokens: int
+    fingerprints: Fingerprints
+    n_scored: int = 0
+    n_selected: int = 0
+
+
+@dataclass
+class QueryResult:
+    """The run id and per-task results of one query run."""
+
+    run_id: int
+    tasks: list[TaskResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def query_tasks(
+    db_path: str | Path,
+    tasks: dict[str, str | Path],
+    budget: str | int,
+    *,
+    settings: ScoreSettings = ScoreSettings(),
+    model: str | None = None,
+    format: str | None = None,
+    progress: bool = True,
+    arguments: dict | None = None,
+) -> QueryResult:
+    """Score every indexed sample for each task and store the ranked selections."""
+    settings.validate()
+    parsed_budget = parse_budget(budget)
+    if not tasks:
+        raise SettingsError("no target task given; pass --task NAME=FILE")
+    started = time.perf_counter()
+    with Store(db_path) as store:
+        catalog = check_index_ready(store)
+        index_settings = IndexSettings.from_dict(catalog["index_settings"])
+        loaded = load_model(model or _stored_model_path(catalog), dtype=index_settings.dtype)
+        renderer = Renderer(loaded.tokenizer, max_length=index_settings.max_length,
+                            plain_template=index_settings.plain_template or None)
+        check_identity(catalog["model"], loaded.identity(renderer.template_sha256))
+
+        loaded.use_attention("eager")
+        results = [_fingerprint_task(name, Path(path), loaded, renderer, settings, format) for name, path in tasks.items()]
+        scores, sample_keys, sample_ids = _scan(store, results, settings, progress)
+        run_id = _write(store, results, scores, sample_keys, sample_ids, parsed_budget, settings, loaded, arguments or {})
+    return QueryResult(run_id, results, time.perf_counter() - started)
+
+
+def _stored_model_path(catalog: dict) -> str:
+    path = catalog["model"]["path"]
+    if not Path(path).exists():
+        raise StorageError(
+            f"the index's model folder {path} no longer exists; pass --model with the same model "
+            f"({catalog['model']['name']}), it is checked by hash"
+        )
+    return path
+
+
+def _fingerprint_task(name, path, loaded, renderer, settings: ScoreSettings, format) -> TaskResult:
+    samples = list(read_samples(path, format=format, source=name))
+    if not samples:
+        raise InputError(str(path), None, None, "target file has no records", "give 5 to 10 samples of the target task")
+    sequences, parts = [], []
+    for sample in samples:
+        try:
+            rendered = renderer.render(sample.messages)
+        except RenderError as error:
+            raise InputError(sample.path, sample.line, None, str(error)) from error
+        sequences.append(rendered.input_ids)
+        parts.append(np.asarray(rendered.parts, dtype=np.int8))
+
+    allowed = SCOPE_PARTS[settings.scope]
+    classes, hidden, saliency = [], [], []
+    for index, states in encode(loaded.model, sequences, batch_tokens=max(map(len, sequences)) * 4,
+                                pad_id=loaded.pad_id, saliency=settings.saliency):
+        in_scope = np.isin(parts[index], allowed)
+        weights = blend_saliency(states.row, states.column, in_scope, settings.saliency)
+        keep = np.flatnonzero(in_scope)
+        keep = keep[keep > 0]  # position 0 is the attention sink and never counts
+        classes.append(np.asarray(sequences[index], dtype=np.int64)[keep])
+        hidden.append(states.hidden[keep])
+        saliency.append(weights[keep])
+    fingerprints = build_fingerprints(classes, hidden, saliency)
+    if len(fingerprints) == 0:
+        raise InputError(str(path), None, None, f"no target token is in scope {settings.scope!r}",
+                         "use --scope all, or targets with content in that part")
+    n_tokens = int(sum(len(c) for c in classes))
+    log.info("task %s: %d targets, %d in-scope tokens, %d fingerprints", name, len(samples), n_tokens, len(fingerprints))
+    return TaskResult(name, str(path), len(samples), n_tokens, fingerprints)
+
+
+def _scan(store: Store, results: list[TaskResult], settings: ScoreSettings, progress: bool):
+    """Score all tasks in one pass over the stored vectors; return per-task SampleScores."""
+    keys = store.query("SELECT token_key, sample_key, token_class, part FROM tokens ORDER BY token_key").fetchnumpy()
+    samples = store.query("SELECT sample_key, sample_id FROM samples ORDER BY sample_key").fetchnumpy()
+    sample_keys = np.asarray(samples["sample_key"], dtype=np.int64)
+    sample_ids = np.asarray(samples["sample_id"], dtype=object)
+    token_keys = np.asarray(keys["token_key"], dtype=np.int64)
+    slots = np.searchsorted(sample_keys, np.asarray(keys["sample_key"], dtype=np.int64))
+    classes = np.asarray(keys["token_class"], dtype=np.int64)
+    in_scope = np.isin(np.asarray(keys["part"]), SCOPE_PARTS[settings.scope])
+
+    stacked = np.concatenate([r.fingerprints.vectors for r in results])  # (sum F, D)
+    bounds = np.cumsum([0] + [len(r.fingerprints) for r in results])
+    accumulators = [SampleAccumulator(len(sample_keys)) for _ in results]
+    bar = tqdm(total=len(token_keys), unit="tok", unit_scale=True, desc="score", disable=not progress)
+    for segment in store.segments():
+        for ids, vectors in store.iter_vectors(segment, SCAN_CHUNK):
+            rows = _token_rows(token_keys, ids, store)
+            keep = in_scope[rows]
+            similarities = vectors[keep] @ stacked.T
+            for task_index, result in enumerate(results):
+                part = similarities[:, bounds[task_index]:bounds[task_index + 1]]
+                token_scores, unseen = score_tokens(vectors[keep], classes[rows][keep], result.fingerprints,
+                                                    settings.unseen_penalty, similarities=part)
+                accumulators[task_index].add(slots[rows][keep], token_scores, unseen)
+            bar.update(len(ids))
+    bar.close()
+    scores = [a.finish(settings.mean_weight, settings.max_weight) for a in accumulators]
+    return scores, sample_keys, sample_ids
+
+
+def _token_rows(token_keys: np.ndarray, ids: np.ndarray, store: Store) -> np.ndarray:
+    rows = np.searchsorted(token_keys, ids)
+    rows = np.minimum(rows, len(token_keys) - 1)
+    if not np.array_equal(token_keys[rows], ids):
+        raise StorageError(f"{store.path}: a vector segment contains token keys that are missing from the tokens table; rebuild the index")
+    return rows
+
+
+def _write(store, results, scores: list[SampleScores], sample_keys, sample_ids, budget, settings, loaded, arguments) -> int:
+    with store.transaction() as connection:
+        run_settings = settings.to_dict() | {"budget": list(budget)}
+        run_id = store.start_run(connection, "query", arguments, run_settings)
+        for result, task_scores in zip(results, scores):
+            order = rank_samples(task_scores.score, sample_ids)
+            n_selected = budget_size(budget, len(order))
+            result.n_scored, result.n_selected = len(order), n_selected
+            _write_scores(store, connection, run_id, result.task, task_scores, sample_keys, order)
+            store.insert_arrow(connection, "selections", pa.table({
+                "run_id": pa.array([run_id] * n_selected, pa.int32()),
+                "task": [result.task] * n_selected,
+                "rank": pa.array(np.arange(1, n_selected + 1), pa.int32()),
+                "sample_key": pa.array(sample_keys[order[:n_selected]], pa.int64()),
+            }))
+            _write_fingerprints(store, connection, run_id, result, loaded.tokenizer)
+            connection.execute(
+                "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [run_id, result.task, result.target_path, result.n_targets, result.n_target_tokens,
+                 len(result.fingerprints), result.n_scored, n_selected],
+            )
+        stats = {r.task: {"n_scored": r.n_scored, "n_selected": r.n_selected,
+                          "n_unscored": int(len(sample_keys) - r.n_scored)} for r in results}
+        store.finish_run(connection, run_id, stats)
+    return run_id
+
+
+def _write_scores(store, connection, run_id, task, task_scores: SampleScores, sample_keys, order) -> None:
+    store.insert_arrow(connection, "scores", pa.table({
+        "run_id": pa.array([run_id] * len(order), pa.int32()),
+        "task": [task] * len(order),
+        "sample_key": pa.array(sample_keys[order], pa.int64()),
+        "score": task_scores.score[order],
+        "mean_part": task_scores.mean_part[order],
+        "max_part": task_scores.max_part[order],
+        "unseen_share": task_scores.unseen_share[order],
+        "n_tokens": pa.array(task_scores.count[order], pa.int32()),
+        "rank": pa.array(np.arange(1, len(order) + 1), pa.int32()),
+    }))
+
+
+def _write_fingerprints(store, connection, run_id, result: TaskResult, tokenizer) -> None:
+    fingerprints = result.fingerprints
+    n = len(fingerprints)
+    store.insert_arrow(connection, "fingerprints", pa.table({
+        "run_id": pa.array([run_id] * n, pa.int32()),
+        "task": [result.task] * n,
+        "token_class": pa.array(fingerprints.classes, pa.int32()),
+        "token_text": tokenizer.convert_ids_to_tokens([int(c) for c in fingerprints.classes]),
+        "n_occurrences": pa.array(fingerprints.occurrences, pa.int32()),
+        "saliency_sum": pa.array(fingerprints.saliency_sums, pa.float32()),
+        "vector": pa.array(list(fingerprints.vectors), pa.list_(pa.float32())),
+    }))
+
+
+def summarize_task(store: Store, run_id: int, task: str, top: int = 10) -> dict:
+    """Return the top samples, score and length quantiles and source mix of one task's coreset."""
+    top_rows = store.query(
+        "SELECT rank, sample_id, source, score, n_tokens, record FROM scored "
+        "WHERE run_id = ? AND task = ? AND selected ORDER BY rank LIMIT ?", [run_id, task, top]).fetchall()
+    quantiles = "quantile_cont({0}, [0, 0.1, 0.5, 0.9, 1])"
+    stats = store.query(
+        f"SELECT selected, count(*), {quantiles.format('score')}, {quantiles.format('n_tokens')} FROM scored "
+        "WHERE run_id = ? AND task = ? GROUP BY selected", [run_id, task]).fetchall()
+    mix = store.query(
+        "SELECT source, count(*) FILTER (WHERE selected) AS coreset, count(*) AS pool FROM scored "
+        "WHERE run_id = ? AND task = ? GROUP BY source ORDER BY coreset DESC, source", [run_id, task]).fetchall()
+    return {
+        "top": [dict(zip(("rank", "sample_id", "source", "score", "n_tokens", "record"), row)) for row in top_rows],
+        "distribution": {bool(row[0]): {"count": row[1], "score": row[2], "n_tokens": row[3]} for row in stats},
+        "source_mix": [dict(zip(("source", "coreset", "pool"), row)) for row in mix],
+    }
+
+
+def preview_text(record_json: str, width: int = 80) -> str:
+    """Return the first user text of a stored record, flattened to one line of at most ``width`` characters."""
+    text = " ".join(str(record_json).split())
+    try:
+        record = json.loads(record_json)
+        for key in ("instruction", "prompt", "question"):
+            if isinstance(record.get(key), str):
+                text = " ".join(record[key].split())
+                break
+        else:
+            turns = record.get("messages") or record.get("conversations") or []
+            if turns and isinstance(turns[0], dict):
+                first = turns[0].get("content") or turns[0].get("value") or ""
+                text = " ".join(str(first).split())
+    except (ValueError, AttributeError):
+        pass
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,280 @@
+"""The on-disk index: a DuckDB database and the FAISS vector segments beside it.
+
+Layout for ``--db pool.duckdb``::
+
+    pool.duckdb                     samples, tokens, runs, scores (schema in migrations/)
+    pool.duckdb.vectors/
+        segment-000001.faiss        IndexIDMap2 over IndexFlatIP; ids are tokens.token_key
+
+A run writes its segment file first (temporary name, then rename) and commits the rows that
+reference it afterwards, in one transaction. A crash before the commit leaves an unreferenced
+file that the next writing run deletes, and the database as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import faiss
+import numpy as np
+import sqlalchemy as sa
+from alembic.ddl.impl import DefaultImpl
+
+import migrations
+from trimdb import __version__
+from trimdb.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+SEGMENT_CODEC = "flat-float32"
+
+
+@dataclass
+class Segment:
+    """One stored vector file and the token keys it covers."""
+
+    segment_id: int
+    file: str
+    n_vectors: int
+    dim: int
+
+
+class Store:
+    """An open trimdb database; use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = False, create: bool = False):
+        self.path = Path(path)
+        self.read_only = read_only
+        if not self.path.exists() and not create:
+            raise StorageError(f"no trimdb database at {self.path}; build one with `trimdb index CORPUS --db {self.path}`")
+        if create and read_only:
+            raise ValueError("a store cannot be created read-only")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = sa.create_engine(
+            f"duckdb:///{self.path}", connect_args={"read_only": read_only}, poolclass=sa.pool.StaticPool
+        )
+        try:
+            self.connection = self.engine.connect()
+        except (sa.exc.OperationalError, duckdb.IOException) as error:
+            self.engine.dispose()
+            raise StorageError(_lock_message(self.path, error)) from error
+        self.raw = self.connection.connection.driver_connection
+        try:
+            self._check_schema()
+        except BaseException:
+            # An open connection would block other opens of this file in this process.
+            self.close()
+            raise
+
+    @property
+    def vectors_dir(self) -> Path:
+        return Path(f"{self.path}.vectors")
+
+    # Schema --------------------------------------------------------------------------------
+
+    def _check_schema(self) -> None:
+        current, head = schema_revision(self.connection), head_revision()
+        self.connection.commit()
+        if current == head:
+            return
+        if current is not None and not _is_known_revision(current):
+            raise StorageError(
+                f"{self.path} has schema revision {current}, which this trimdb {__version__} does not know; "
+                "it was written by a newer trimdb: upgrade trimdb to open it"
+            )
+        if self.read_only:
+            raise StorageError(
+                f"{self.path} has schema revision {current}, older than {head}; run `trimdb migrate --db {self.path}` first"
+            )
+        upgrade_schema(self.connection, "head")
+        self.connection.commit()
+        log.info("upgraded %s from schema revision %s to %s", self.path, current, head)
+
+    # Transactions and queries --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Yield the raw DuckDB connection inside one transaction, rolled back on any error."""
+        if self.read_only:
+            raise StorageError(f"{self.path} is open read-only")
+        if self.connection.in_transaction():
+            self.connection.commit()
+        with self.connection.begin():
+            yield self.raw
+
+    def query(self, sql: str, parameters: list | tuple | None = None):
+        return self.raw.execute(sql, parameters or [])
+
+    def catalog(self) -> dict:
+        rows = self.query("SELECT key, value FROM catalog").fetchall()
+        return {key: json.loads(value) for key, value in rows}
+
+    def next_id(self, table: str, column: str) -> int:
+        return int(self.query(f"SELECT coalesce(max({column}), 0) + 1 FROM {table}").fetchone()[0])
+
+    def start_run(self, connection, kind: str, arguments: dict, settings: dict) -> int:
+        run_id = self.next_id("runs", "run_id")
+        connection.execute(
+            "INSERT INTO runs (run_id, kind, started_at, trimdb_version, arguments, settings) VALUES (?, ?, ?, ?, ?, ?)",
+            [run_id, kind, _now(), __version__, json.dumps(arguments), json.dumps(settings)],
+        )
+        return run_id
+
+    def finish_run(self, connection, run_id: int, stats: dict) -> None:
+        connection.execute(
+            "UPDATE runs SET finished_at = ?, stats = ? WHERE run_id = ?", [_now(), json.dumps(stats), run_id]
+        )
+
+    def insert_arrow(self, connection, table: str, data) -> None:
+        """Append a pyarrow table (columns named as in ``table``) in one statement."""
+        connection.register("_trimdb_batch", data)
+        try:
+            columns = ", ".join(data.column_names)
+            connection.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _trimdb_batch")
+        finally:
+            connection.unregister("_trimdb_batch")
+
+    # Vector segments -----------------------------------------------------------------------
+
+    def write_segment(self, segment_id: int, vectors: np.ndarray, keys: np.ndarray) -> tuple[str, int]:
+        """Write vectors (N, D) float32 under int64 ids; return (file name, bytes). Atomic by rename."""
+        if vectors.ndim != 2 or len(vectors) != len(keys):
+            raise ValueError(f"vectors {vectors.shape} and keys {keys.shape} do not match")
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(keys, dtype=np.int64))
+        self.vectors_dir.mkdir(exist_ok=True)
+        name = f"segment-{segment_id:06d}.faiss"
+        temporary = self.vectors_dir / f".{name}.tmp"
+        faiss.write_index(index, str(temporary))
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.vectors_dir / name)
+        return name, (self.vectors_dir / name).stat().st_size
+
+    def segments(self) -> list[Segment]:
+        rows = self.query("SELECT segment_id, file, n_vectors, dim FROM segments ORDER BY segment_id").fetchall()
+        return [Segment(*row) for row in rows]
+
+    def open_segment(self, segment: Segment):
+        """Memory-map one segment and check it against its catalog row."""
+        path = self.vectors_dir / segment.file
+        if not path.exists():
+            raise StorageError(
+                f"vector file {path} is missing: the database lists it as segment {segment.segment_id}. "
+                "Restore the file or rebuild the index"
+            )
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        if index.ntotal != segment.n_vectors or index.d != segment.dim:
+            raise StorageError(
+                f"vector file {path} holds {index.ntotal} vectors of dimension {index.d}, but the database "
+                f"expects {segment.n_vectors} of dimension {segment.dim}; rebuild the index"
+            )
+        return index
+
+    def iter_vectors(self, segment: Segment, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (token keys (n,), vectors (n, D)) of one segment in chunks of at most ``chunk`` rows."""
+        index = self.open_segment(segment)
+        keys = faiss.vector_to_array(index.id_map).astype(np.int64)
+        flat = faiss.downcast_index(index.index)
+        for start in range(0, segment.n_vectors, chunk):
+            count = min(chunk, segment.n_vectors - start)
+            yield keys[start:start + count], flat.reconstruct_n(start, count)
+        del flat, index  # the flat index is owned by the ID map; release both together
+
+    def remove_orphan_segments(self) -> None:
+        """Delete vector files that no committed segment row references (left by a crashed run)."""
+        if not self.vectors_dir.exists():
+            return
+        known = {segment.file for segment in self.segments()}
+        for path in self.vectors_dir.iterdir():
+            if path.name not in known:
+                log.warning("removing %s: no committed run references it", path)
+                path.unlink()
+
+    def size_bytes(self) -> int:
+        total = self.path.stat().st_size
+        if self.vectors_dir.exists():
+            total += sum(p.stat().st_size for p in self.vectors_dir.iterdir())
+        return total
+
+    def close(self) -> None:
+        self.connection.close()
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _lock_message(path: Path, error: Exception) -> str:
+    text = str(error)
+    if "lock" in text.lower():
+        return (
+            f"database {path} is in use by another process; wait for it to finish "
+            f"(DuckDB allows one writer per file): {text.splitlines()[0]}"
+        )
+    return f"cannot open database {path}: {text.splitlines()[0] if text else type(error).__name__}"
+
+
+# Alembic -----------------------------------------------------------------------------------
+
+
+class DuckDBImpl(DefaultImpl):
+    """Alembic has no DuckDB dialect implementation; the default one handles trimdb's DDL."""
+
+    __dialect__ = "duckdb"
+    transactional_ddl = True
+
+
+def _alembic_config(connection=None):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def _is_known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+
+    return any(script.revision == revision for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions())
+
+
+def schema_revision(connection: sa.Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade_schema(connection: sa.Connection, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(_alembic_config(connection), revision)
+
+
+def downgrade_schema(connection: sa.Connection, revision: str = "base") -> None:
+    from alembic import command
+
+    command.downgrade(_alembic_config(connection), revision)
