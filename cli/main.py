@@ -45,10 +45,11 @@ def cli(verbose: int, quiet: bool) -> None:
 
 def _register() -> None:
     from cli.index_command import index
+    from cli.info_command import info
     from cli.query_command import query
     from cli.sql_command import export, migrate, sql
 
-    for command in (index, query, sql, export, migrate):
+    for command in (index, query, sql, export, migrate, info):
         cli.add_command(command)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from rich.console import Console
 from rich.table import Table
 
 from cli.options import db_option, format_option, model_option, progress_option, score_options
 from trimdb.query import preview_text, query_tasks, summarize_task
-from trimdb.settings import SaliencySettings, ScoreSettings
+from trimdb.records import list_corpus_files
+from trimdb.selection import parse_split
+from trimdb.settings import SaliencySettings, ScoreSettings, SelectionSettings
 from trimdb.store import Store
 
 
@@ -16,27 +20,49 @@ def parse_task(ctx, param, values) -> dict[str, str]:
     tasks: dict[str, str] = {}
     for value in values:
         name, separator, path = value.partition("=")
-        if not separator or not name or not path:
-            raise click.BadParameter(f"{value!r} is not NAME=FILE, for example gsm8k=targets/gsm8k.jsonl", param=param)
-        if name in tasks:
-            raise click.BadParameter(f"task {name!r} is given twice", param=param)
-        tasks[name] = path
+        if not separator and Path(value).is_dir():
+            pairs = [(file.name.split(".")[0], str(file)) for file in list_corpus_files([value])]
+            if not pairs:
+                raise click.BadParameter(f"folder {value} contains no .jsonl, .json or .parquet target files", param=param)
+        elif not separator or not name or not path:
+            raise click.BadParameter(
+                f"{value!r} is not NAME=FILE or a folder of target files, for example gsm8k=targets/gsm8k.jsonl",
+                param=param)
+        else:
+            pairs = [(name, path)]
+        for name, path in pairs:
+            if name in tasks:
+                raise click.BadParameter(f"task {name!r} is given twice", param=param)
+            tasks[name] = path
     return tasks
+
+
+def parse_dedup(ctx, param, values) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
 
 
 @click.command()
 @db_option
-@click.option("--task", "tasks", multiple=True, required=True, callback=parse_task, metavar="NAME=FILE",
-              help="Target task: a name and a file of 5 to 10 target samples. Repeat for several tasks.")
+@click.option("--task", "tasks", multiple=True, required=True, callback=parse_task, metavar="NAME=FILE|FOLDER",
+              help="Target task: a name and a file (or folder) of 5 to 10 target samples, or a folder with one "
+                   "file per task, named by file name. Repeat for several tasks.")
 @click.option("--budget", required=True, metavar="PERCENT%|COUNT",
               help="Coreset size per task: a share of the pool such as 5% or a sample count such as 500.")
+@click.option("--split", default="equal", show_default=True, metavar="equal|proportional|NAME=W,...",
+              help="How the combined coreset of several tasks shares the budget: equally, in proportion to each "
+                   "task's number of target samples, or by the given weights.")
+@click.option("--dedup", multiple=True, type=click.Choice(["exact", "near"]), callback=parse_dedup,
+              help="Keep duplicates out of the coresets: exact (same normalized text) and/or near (cosine of "
+                   "mean-pooled token vectors at or above --near-threshold). Repeatable.")
+@click.option("--near-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Cosine at which --dedup near treats two samples as duplicates.")
 @model_option
 @format_option
 @score_options
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Number of top samples to print per task.")
 @progress_option
-def query(db, tasks, budget, model, record_format, scope, unseen_penalty, row_weight, column_weight,
+def query(db, tasks, budget, split, dedup, near_threshold, model, record_format, scope, unseen_penalty, row_weight, column_weight,
           mean_weight, max_weight, layers, row_saliency, top, progress):
     """Score every indexed sample for each --task and store the ranked coreset.
 
@@ -52,18 +78,37 @@ def query(db, tasks, budget, model, record_format, scope, unseen_penalty, row_we
                                   column_weight=column_weight),
         scope=scope, unseen_penalty=unseen_penalty, mean_weight=mean_weight, max_weight=max_weight,
     )
+    selection = SelectionSettings(
+        split=parse_split(split, list(tasks)), exact_dedup="exact" in dedup,
+        near_dedup_threshold=near_threshold if "near" in dedup else None,
+    )
     arguments = {"tasks": tasks, "budget": budget, "model": model, "format": record_format}
-    result = query_tasks(db, tasks, budget, settings=settings, model=model, format=record_format,
-                         progress=progress, arguments=arguments)
+    result = query_tasks(db, tasks, budget, settings=settings, selection=selection, model=model,
+                         format=record_format, progress=progress, arguments=arguments)
     console = Console()
     with Store(db, read_only=True) as store:
         for task in result.tasks:
             _print_task(console, task, summarize_task(store, result.run_id, task.task, top))
+        _print_combined(console, store, result.run_id, len(result.tasks))
     console.print(f"run {result.run_id} took {result.seconds:.1f} s. Explore it with SQL, for example:")
     first = result.tasks[0].task
     console.print(f"  trimdb sql --db {db} \"SELECT rank, source, score, n_tokens FROM selected WHERE task = '{first}' LIMIT 20\"",
                   highlight=False, soft_wrap=True)
     console.print(f"  trimdb export --db {db} --task {first} -o {first}-coreset.jsonl", highlight=False, soft_wrap=True)
+
+
+def _print_combined(console: Console, store: Store, run_id: int, n_tasks: int) -> None:
+    per_task = store.query(
+        "SELECT task, count(*) FROM coresets WHERE run_id = ? GROUP BY task ORDER BY task", [run_id]).fetchall()
+    removed = store.query(
+        "SELECT coalesce(task, 'combined'), reason, count(*) FROM removed WHERE run_id = ? GROUP BY ALL ORDER BY ALL",
+        [run_id]).fetchall()
+    if n_tasks > 1:
+        total = sum(count for _, count in per_task)
+        shares = ", ".join(f"{task} {count}" for task, count in per_task)
+        console.rule(f"combined coreset: {total} samples ({shares})")
+    for coreset, reason, count in removed:
+        console.print(f"deduplication: {count} {reason} duplicates kept out of the {coreset} coreset")
 
 
 def _print_task(console: Console, task, summary: dict) -> None:

@@ -271,8 +271,8 @@ def test_sql_invalid_statement(indexed):
 
 
 def test_sql_unknown_table(indexed):
-    result = invoke("sql", "--db", indexed["db"], "SELECT * FROM coresets")
-    assert_failed(result, f"SQL failed on {indexed['db']}", "coresets does not exist")
+    result = invoke("sql", "--db", indexed["db"], "SELECT * FROM no_such_table")
+    assert_failed(result, f"SQL failed on {indexed['db']}", "no_such_table does not exist")
 
 
 @pytest.mark.parametrize("command", [["migrate"], ["sql", "SELECT 1"], ["query", "--task", "math=x.jsonl",

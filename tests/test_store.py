@@ -25,6 +25,15 @@ INDEX_TABLES = ("catalog", "runs", "sources", "samples", "tokens", "segments", "
 HEAD_SCHEMA = {
     "alembic_version": [("version_num", "VARCHAR")],
     "catalog": [("key", "VARCHAR"), ("value", "JSON")],
+    "combined": [
+        ("run_id", "INTEGER"), ("rank", "INTEGER"), ("task", "VARCHAR"), ("task_rank", "INTEGER"),
+        ("sample_id", "VARCHAR"), ("source", "VARCHAR"), ("score", "DOUBLE"), ("n_tokens", "INTEGER"),
+        ("n_turns", "INTEGER"), ("truncated", "BOOLEAN"), ("record", "JSON"),
+    ],
+    "coresets": [
+        ("run_id", "INTEGER"), ("rank", "INTEGER"), ("sample_key", "BIGINT"), ("task", "VARCHAR"),
+        ("task_rank", "INTEGER"),
+    ],
     "fingerprints": [
         ("run_id", "INTEGER"), ("task", "VARCHAR"), ("token_class", "INTEGER"), ("token_text", "VARCHAR"),
         ("n_occurrences", "INTEGER"), ("saliency_sum", "FLOAT"), ("vector", "FLOAT[]"),
@@ -39,11 +48,15 @@ HEAD_SCHEMA = {
         ("n_turns", "INTEGER"), ("n_tokens", "INTEGER"), ("n_prompt_tokens", "INTEGER"),
         ("n_response_tokens", "INTEGER"), ("truncated", "BOOLEAN"), ("record", "JSON"), ("sample_key", "BIGINT"),
     ],
+    "removed": [
+        ("run_id", "INTEGER"), ("task", "VARCHAR"), ("sample_key", "BIGINT"), ("reason", "VARCHAR"),
+        ("duplicate_of", "BIGINT"), ("similarity", "DOUBLE"),
+    ],
     "samples": [
         ("sample_key", "BIGINT"), ("sample_id", "VARCHAR"), ("source_id", "INTEGER"), ("run_id", "INTEGER"),
         ("path", "VARCHAR"), ("line", "INTEGER"), ("n_turns", "INTEGER"), ("n_tokens", "INTEGER"),
         ("n_prompt_tokens", "INTEGER"), ("n_response_tokens", "INTEGER"), ("truncated", "BOOLEAN"),
-        ("record", "JSON"),
+        ("record", "JSON"), ("text_hash", "VARCHAR"),
     ],
     "scored": [
         ("run_id", "INTEGER"), ("task", "VARCHAR"), ("rank", "INTEGER"), ("sample_id", "VARCHAR"),
@@ -82,7 +95,7 @@ HEAD_SCHEMA = {
         ("part", "TINYINT"), ("saliency", "FLOAT"),
     ],
 }
-VIEWS = {"latest_tasks", "sample_info", "scored", "selected"}
+VIEWS = {"combined", "latest_tasks", "sample_info", "scored", "selected"}
 
 
 def schema_of(store: Store) -> dict[str, list[tuple[str, str]]]:

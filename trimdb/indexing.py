@@ -29,6 +29,7 @@ from trimdb.models import LoadedModel, check_identity, load_model
 from trimdb.records import Sample, SkippedRecord, read_corpus
 from trimdb.render import PROMPT, RESPONSE, TEMPLATE, RenderedSample, Renderer
 from trimdb.saliency import blend_saliency
+from trimdb.selection import normalized_text_hash
 from trimdb.settings import IndexSettings
 from trimdb.store import SEGMENT_CODEC, Store
 
@@ -289,6 +290,7 @@ def _write_samples(store, connection, pending, rows, source_ids, run_id, first_k
         "n_response_tokens": pa.array([int((r["parts"] == RESPONSE).sum()) for r in rows], pa.int32()),
         "truncated": [bool(p.rendered.truncated) for p in pending],
         "record": [json.dumps(p.sample.record, ensure_ascii=False, default=str) for p in pending],
+        "text_hash": [normalized_text_hash(p.sample.messages) for p in pending],
     })
     store.insert_arrow(connection, "samples", table)
 

@@ -27,11 +27,14 @@ from trimdb.fingerprints import Fingerprints, build_fingerprints
 from trimdb.forward import encode
 from trimdb.indexing import check_index_ready
 from trimdb.models import check_identity, load_model
-from trimdb.records import read_samples
+from trimdb.records import read_corpus
 from trimdb.render import PROMPT, RESPONSE, TEMPLATE, Renderer
 from trimdb.saliency import blend_saliency
 from trimdb.scoring import SampleAccumulator, SampleScores, rank_samples, score_tokens
-from trimdb.settings import IndexSettings, ScoreSettings, budget_size, parse_budget
+from trimdb.selection import (
+    CombinedPick, Deduplicator, Removal, combine_rankings, parse_split, select_ranked, split_budget,
+)
+from trimdb.settings import IndexSettings, ScoreSettings, SelectionSettings, budget_size, parse_budget
 from trimdb.store import Store
 
 log = logging.getLogger(__name__)
@@ -69,13 +72,21 @@ def query_tasks(
     budget: str | int,
     *,
     settings: ScoreSettings = ScoreSettings(),
+    selection: SelectionSettings = SelectionSettings(),
     model: str | None = None,
     format: str | None = None,
     progress: bool = True,
     arguments: dict | None = None,
 ) -> QueryResult:
-    """Score every indexed sample for each task and store the ranked selections."""
+    """Score every indexed sample for each task and store the ranked selections.
+
+    Each task gets its own coreset of the full budget; the run's combined coreset splits the
+    budget over the tasks (see trimdb.selection).
+    """
     settings.validate()
+    selection.validate()
+    if isinstance(selection.split, dict):
+        parse_split(",".join(f"{k}={v}" for k, v in selection.split.items()), list(tasks))
     parsed_budget = parse_budget(budget)
     if not tasks:
         raise SettingsError("no target task given; pass --task NAME=FILE")
@@ -91,7 +102,9 @@ def query_tasks(
         loaded.use_attention("eager")
         results = [_fingerprint_task(name, Path(path), loaded, renderer, settings, format) for name, path in tasks.items()]
         scores, sample_keys, sample_ids = _scan(store, results, settings, progress)
-        run_id = _write(store, results, scores, sample_keys, sample_ids, parsed_budget, settings, loaded, arguments or {})
+        selections = _select(store, results, scores, sample_keys, sample_ids, parsed_budget, selection)
+        run_settings = settings.to_dict() | selection.to_dict() | {"budget": list(parsed_budget)}
+        run_id = _write(store, results, scores, sample_keys, selections, run_settings, loaded, arguments or {})
     return QueryResult(run_id, results, time.perf_counter() - started)
 
 
@@ -106,7 +119,7 @@ def _stored_model_path(catalog: dict) -> str:
 
 
 def _fingerprint_task(name, path, loaded, renderer, settings: ScoreSettings, format) -> TaskResult:
-    samples = list(read_samples(path, format=format, source=name))
+    samples = list(read_corpus([path], format=format, source=name))
     if not samples:
         raise InputError(str(path), None, None, "target file has no records", "give 5 to 10 samples of the target task")
     sequences, parts = [], []
@@ -177,31 +190,110 @@ def _token_rows(token_keys: np.ndarray, ids: np.ndarray, store: Store) -> np.nda
     return rows
 
 
-def _write(store, results, scores: list[SampleScores], sample_keys, sample_ids, budget, settings, loaded, arguments) -> int:
+@dataclass
+class _Selections:
+    """Per-task rankings and selections, the combined coreset, and what deduplication removed."""
+
+    orders: list[np.ndarray]
+    chosen: list[list[int]]
+    removed: list[tuple[str | None, Removal]]
+    combined: list[CombinedPick]
+
+
+def _select(store, results, scores, sample_keys, sample_ids, budget, selection: SelectionSettings) -> _Selections:
+    orders = [rank_samples(task_scores.score, sample_ids) for task_scores in scores]
+    deduplicator = _deduplicator_factory(store, sample_keys, selection)
+    chosen, removed = [], []
+    for result, order in zip(results, orders):
+        picks, dropped = select_ranked(order, budget_size(budget, len(order)), deduplicator())
+        chosen.append(picks)
+        removed += [(result.task, removal) for removal in dropped]
+        result.n_scored, result.n_selected = len(order), len(picks)
+
+    n_scored = len(np.unique(np.concatenate(orders))) if orders else 0
+    quotas = split_budget(budget_size(budget, n_scored), selection.split,
+                          {result.task: result.n_targets for result in results})
+    rankings = {result.task: order for result, order in zip(results, orders)}
+    combined, dropped = combine_rankings(rankings, quotas, deduplicator())
+    removed += [(None, removal) for removal in dropped]
+    if removed:
+        log.info("deduplication kept %d samples out of the selections", len(removed))
+    return _Selections(orders, chosen, removed, combined)
+
+
+def _deduplicator_factory(store: Store, sample_keys: np.ndarray, selection: SelectionSettings):
+    """Return a function that makes a fresh Deduplicator (or None) for one selection."""
+    if not selection.exact_dedup and selection.near_dedup_threshold is None:
+        return lambda: None
+    text_hashes = None
+    if selection.exact_dedup:
+        rows = store.query("SELECT sample_key, text_hash FROM samples ORDER BY sample_key").fetchall()
+        text_hashes = [text_hash for _, text_hash in rows]
+    embedding = None
+    if selection.near_dedup_threshold is not None:
+        ranges = store.query(
+            "SELECT sample_key, min(token_key), count(*) FROM tokens GROUP BY sample_key ORDER BY sample_key").fetchall()
+        spans = {key: (first, count) for key, first, count in ranges}
+        cache: dict[int, np.ndarray] = {}
+
+        def embedding(slot: int) -> np.ndarray:
+            if slot not in cache:
+                first, count = spans[int(sample_keys[slot])]
+                mean = store.read_token_range(first, count).mean(axis=0)
+                cache[slot] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+            return cache[slot]
+
+    return lambda: Deduplicator(text_hashes, selection.near_dedup_threshold, embedding)
+
+
+def _write(store, results, scores: list[SampleScores], sample_keys, selections: _Selections, run_settings,
+           loaded, arguments) -> int:
     with store.transaction() as connection:
-        run_settings = settings.to_dict() | {"budget": list(budget)}
         run_id = store.start_run(connection, "query", arguments, run_settings)
-        for result, task_scores in zip(results, scores):
-            order = rank_samples(task_scores.score, sample_ids)
-            n_selected = budget_size(budget, len(order))
-            result.n_scored, result.n_selected = len(order), n_selected
-            _write_scores(store, connection, run_id, result.task, task_scores, sample_keys, order)
+        for index, (result, task_scores) in enumerate(zip(results, scores)):
+            _write_scores(store, connection, run_id, result.task, task_scores, sample_keys, selections.orders[index])
+            picks = selections.chosen[index]
             store.insert_arrow(connection, "selections", pa.table({
-                "run_id": pa.array([run_id] * n_selected, pa.int32()),
-                "task": [result.task] * n_selected,
-                "rank": pa.array(np.arange(1, n_selected + 1), pa.int32()),
-                "sample_key": pa.array(sample_keys[order[:n_selected]], pa.int64()),
+                "run_id": pa.array([run_id] * len(picks), pa.int32()),
+                "task": [result.task] * len(picks),
+                "rank": pa.array(np.arange(1, len(picks) + 1), pa.int32()),
+                "sample_key": pa.array(sample_keys[picks], pa.int64()),
             }))
             _write_fingerprints(store, connection, run_id, result, loaded.tokenizer)
             connection.execute(
                 "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [run_id, result.task, result.target_path, result.n_targets, result.n_target_tokens,
-                 len(result.fingerprints), result.n_scored, n_selected],
+                 len(result.fingerprints), result.n_scored, result.n_selected],
             )
+        _write_combined(store, connection, run_id, selections, sample_keys)
         stats = {r.task: {"n_scored": r.n_scored, "n_selected": r.n_selected,
                           "n_unscored": int(len(sample_keys) - r.n_scored)} for r in results}
+        stats["combined"] = {"n_selected": len(selections.combined)}
+        for reason in ("exact", "near"):
+            stats["combined"][f"n_removed_{reason}"] = sum(
+                1 for task, removal in selections.removed if task is None and removal.reason == reason)
         store.finish_run(connection, run_id, stats)
     return run_id
+
+
+def _write_combined(store, connection, run_id, selections: _Selections, sample_keys) -> None:
+    combined = selections.combined
+    store.insert_arrow(connection, "coresets", pa.table({
+        "run_id": pa.array([run_id] * len(combined), pa.int32()),
+        "rank": pa.array(np.arange(1, len(combined) + 1), pa.int32()),
+        "sample_key": pa.array([int(sample_keys[pick.index]) for pick in combined], pa.int64()),
+        "task": [pick.task for pick in combined],
+        "task_rank": pa.array([pick.task_rank for pick in combined], pa.int32()),
+    }))
+    removed = selections.removed
+    store.insert_arrow(connection, "removed", pa.table({
+        "run_id": pa.array([run_id] * len(removed), pa.int32()),
+        "task": pa.array([task for task, _ in removed], pa.string()),
+        "sample_key": pa.array([int(sample_keys[r.index]) for _, r in removed], pa.int64()),
+        "reason": pa.array([r.reason for _, r in removed], pa.string()),
+        "duplicate_of": pa.array([int(sample_keys[r.duplicate_of]) for _, r in removed], pa.int64()),
+        "similarity": pa.array([r.similarity for _, r in removed], pa.float64()),
+    }))
 
 
 def _write_scores(store, connection, run_id, task, task_scores: SampleScores, sample_keys, order) -> None:

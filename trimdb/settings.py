@@ -118,6 +118,27 @@ class IndexSettings:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class SelectionSettings:
+    """Switches of the selection stage: budget split over tasks and deduplication."""
+
+    # "equal", "proportional" (to each task's number of target samples), or task weights.
+    split: str | dict = "equal"
+    # Keep a sample out when its normalized text equals that of a sample already selected.
+    exact_dedup: bool = False
+    # Keep a sample out when the cosine of its mean-pooled token vectors to a selected sample's
+    # reaches this value; None disables it.
+    near_dedup_threshold: float | None = None
+
+    def validate(self) -> None:
+        threshold = self.near_dedup_threshold
+        if threshold is not None and not 0 < threshold <= 1:
+            raise SettingsError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def parse_budget(text: str | int) -> tuple[str, float]:
     """Parse "5%" into ("fraction", 0.05) and "200" into ("count", 200)."""
     raw = str(text).strip()

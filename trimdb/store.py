@@ -53,6 +53,9 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, read_only: bool = False, create: bool = False):
         self.path = Path(path)
         self.read_only = read_only
+        # Segments opened by read_token_range, kept memory-mapped until close.
+        self._open_segments: dict[int, tuple] = {}
+        self._segment_ranges: list[tuple] | None = None
         if not self.path.exists() and not create:
             raise StorageError(f"no trimdb database at {self.path}; build one with `trimdb index CORPUS --db {self.path}`")
         if create and read_only:
@@ -180,6 +183,26 @@ class Store:
             )
         return index
 
+    def read_token_range(self, first_key: int, count: int) -> np.ndarray:
+        """Return the vectors (count, D) of ``count`` consecutive token keys from ``first_key``.
+
+        A run assigns consecutive keys to the vectors of its segment in order, so a key's row in
+        its segment is its offset from the segment's first key.
+        """
+        if self._segment_ranges is None:
+            self._segment_ranges = self.query(
+                "SELECT segment_id, first_token_key, last_token_key FROM segments ORDER BY segment_id").fetchall()
+        for segment_id, first, last in self._segment_ranges:
+            if first <= first_key and first_key + count - 1 <= last:
+                break
+        else:
+            raise StorageError(f"token keys {first_key}..{first_key + count - 1} are in no single vector segment")
+        if segment_id not in self._open_segments:
+            segment = next(s for s in self.segments() if s.segment_id == segment_id)
+            index = self.open_segment(segment)
+            self._open_segments[segment_id] = (index, faiss.downcast_index(index.index))
+        return self._open_segments[segment_id][1].reconstruct_n(first_key - first, count)
+
     def iter_vectors(self, segment: Segment, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (token keys (n,), vectors (n, D)) of one segment in chunks of at most ``chunk`` rows."""
         index = self.open_segment(segment)
@@ -207,6 +230,7 @@ class Store:
         return total
 
     def close(self) -> None:
+        self._open_segments = {}
         self.connection.close()
         self.engine.dispose()
 
