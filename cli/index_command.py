@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.options import db_option, format_option, index_options, model_option, progress_option
-from trimdb.indexing import index_corpus
+from trimdb.indexing import DEFAULT_SEGMENT_MB, index_corpus
 from trimdb.records import ON_ERROR
 from trimdb.settings import IndexSettings, SaliencySettings
 
@@ -24,14 +24,20 @@ SKIPPED_SHOWN = 10
 @click.option("--source-column", default=None, help="Record field that contains each sample's source name.")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default="stop", show_default=True,
               help="On a bad record: stop before writing anything, or skip it and list it in the skipped table.")
+@click.option("--append", is_flag=True,
+              help="Add CORPUS to an existing index (fails if --db does not exist); samples already indexed are skipped.")
+@click.option("--segment-mb", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_SEGMENT_MB,
+              show_default=True,
+              help="Float32 vector megabytes per segment: the work a crash can lose, and the vectors held in memory.")
 @progress_option
-def index(corpus, db, model, record_format, dtype, max_length, batch_tokens, no_saliency, plain_template,
-          layers, row_saliency, source, source_column, on_error, progress):
+def index(corpus, db, model, record_format, dtype, max_length, batch_tokens, no_saliency, plain_template, codec,
+          layers, row_saliency, source, source_column, on_error, append, segment_mb, progress):
     """Index CORPUS files (JSONL, JSON, Parquet, or folders of them) into --db.
 
     Each sample is rendered with the model's chat template; the final hidden state of every
     prompt and response token goes into a FAISS segment keyed by the token's row in DuckDB.
-    Rerunning with new files appends; samples already indexed are skipped and listed.
+    Segments are committed as they finish: rerunning the same command after a crash resumes,
+    and rerunning with new files (or --append) adds them; samples already indexed are skipped.
 
     \b
     trimdb index alpaca.jsonl sharegpt.json --db pool.duckdb
@@ -39,12 +45,14 @@ def index(corpus, db, model, record_format, dtype, max_length, batch_tokens, no_
     """
     settings = IndexSettings(
         max_length=max_length, dtype=dtype, store_saliency=not no_saliency, batch_tokens=batch_tokens,
-        plain_template=plain_template, saliency=SaliencySettings(layers=layers, row_saliency=row_saliency),
+        plain_template=plain_template, codec=codec,
+        saliency=SaliencySettings(layers=layers, row_saliency=row_saliency),
     )
     arguments = {"corpus": list(corpus), "model": model, "format": record_format, "source": source,
                  "source_column": source_column, "on_error": on_error}
     summary = index_corpus(db, list(corpus), model=model, settings=settings, format=record_format, source=source,
-                           source_column=source_column, on_error=on_error, progress=progress, arguments=arguments)
+                           source_column=source_column, on_error=on_error, progress=progress, arguments=arguments,
+                           append=append, segment_mb=segment_mb)
     _print_summary(summary, db)
 
 
@@ -56,6 +64,8 @@ def _print_summary(summary, db) -> None:
         f"({summary.tokens_per_second:.0f} tokens/s); run {summary.run_id}; "
         f"{db} and its vectors take {summary.bytes_on_disk / 1e6:.1f} MB"
     )
+    if summary.n_already_indexed:
+        console.print(f"{summary.n_already_indexed} samples were already in the index and were skipped")
     if not summary.skipped:
         return
     console.print(f"skipped {len(summary.skipped)} records ({summary.n_duplicates} duplicates):")

@@ -11,7 +11,7 @@ from rich.table import Table
 from cli.options import db_option
 from trimdb.info import describe_index
 
-# Hashes are shown by their first 12 hex digits; --json prints them in full.
+# The tables show the first 12 hex digits of each hash, and --json prints the full hashes.
 HASH_DIGITS = 12
 MODEL_FIELDS = (
     ("name", "name"), ("path", "path"), ("architecture", "architecture"), ("layers", "num_layers"),
@@ -27,8 +27,8 @@ MODEL_FIELDS = (
 def info(db, as_json):
     """Describe --db: model, index settings, sources, runs, tasks, skipped records and disk use.
 
-    Opens the database read-only and loads no model, so it is fast on any index size.
-    Hashes are shortened in the tables; --json prints every value in full.
+    Opens the database read-only and loads no model. The tables shorten hashes to 12 hex
+    digits, and --json prints every value in full, with each run's settings and stats.
 
     \b
     trimdb info --db pool.duckdb
@@ -104,8 +104,11 @@ def _run_stats(run: dict) -> str:
     """Return the key counts of one run as a short line."""
     stats = run["stats"] or {}
     if run["kind"] == "index":
-        return (f"{stats.get('n_samples', 0)} samples, {stats.get('n_tokens', 0)} tokens, "
+        line = (f"{stats.get('n_samples', 0)} samples, {stats.get('n_tokens', 0)} tokens, "
                 f"{stats.get('n_skipped', 0)} skipped, {stats.get('n_duplicates', 0)} duplicates")
+        if "n_already_indexed" in stats:
+            line += f", {stats['n_already_indexed']} already indexed"
+        return line
     if run["kind"] == "query":
         budget = (run["settings"] or {}).get("budget")
         selected = [f"{task} {values['n_selected']}" + (f" of {values['n_scored']}" if "n_scored" in values else "")
@@ -146,9 +149,10 @@ def _skipped_table(skipped: list[dict]) -> Table:
 
 def _disk_table(disk: dict) -> Table:
     table = Table("", "path", "size", "bytes per token", title="disk use")
+    n_files = disk["n_vector_files"]
     rows = (
         ("database", disk["database_file"], disk["database_bytes"], disk["database_bytes_per_token"]),
-        (f"vectors ({disk['n_vector_files']} {'file' if disk['n_vector_files'] == 1 else 'files'})", disk["vectors_dir"], disk["vectors_bytes"],
+        (f"vectors ({n_files} {'file' if n_files == 1 else 'files'})", disk["vectors_dir"], disk["vectors_bytes"],
          disk["vectors_bytes_per_token"]),
         ("total", "", disk["total_bytes"], disk["bytes_per_token"]),
     )

@@ -44,12 +44,13 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
+    from cli.explain_command import explain, report
     from cli.index_command import index
     from cli.info_command import info
     from cli.query_command import query
-    from cli.sql_command import export, migrate, sql
+    from cli.sql_command import compact, export, migrate, sql
 
-    for command in (index, query, sql, export, migrate, info):
+    for command in (index, query, sql, export, migrate, compact, info, explain, report):
         cli.add_command(command)
 
 

@@ -56,13 +56,16 @@ def parse_dedup(ctx, param, values) -> tuple[str, ...]:
                    "mean-pooled token vectors at or above --near-threshold). Repeatable.")
 @click.option("--near-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="Cosine at which --dedup near treats two samples as duplicates.")
+@click.option("--where", default=None, metavar="SQL",
+              help="Score only the samples that this SQL condition over the sample_info view keeps, for example "
+                   "\"source <> 'sharegpt' AND n_tokens < 512\". The budget applies to the samples kept.")
 @model_option
 @format_option
 @score_options
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Number of top samples to print per task.")
 @progress_option
-def query(db, tasks, budget, split, dedup, near_threshold, model, record_format, scope, unseen_penalty, row_weight, column_weight,
+def query(db, tasks, budget, split, dedup, near_threshold, where, model, record_format, scope, unseen_penalty, row_weight, column_weight,
           mean_weight, max_weight, layers, row_saliency, top, progress):
     """Score every indexed sample for each --task and store the ranked coreset.
 
@@ -83,7 +86,7 @@ def query(db, tasks, budget, split, dedup, near_threshold, model, record_format,
         near_dedup_threshold=near_threshold if "near" in dedup else None,
     )
     arguments = {"tasks": tasks, "budget": budget, "model": model, "format": record_format}
-    result = query_tasks(db, tasks, budget, settings=settings, selection=selection, model=model,
+    result = query_tasks(db, tasks, budget, settings=settings, selection=selection, where=where, model=model,
                          format=record_format, progress=progress, arguments=arguments)
     console = Console()
     with Store(db, read_only=True) as store:

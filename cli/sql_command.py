@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.options import db_option
+from trimdb.compact import compact_index
 from trimdb.export import EXPORT_SUFFIXES, export_coreset, run_sql
 from trimdb.store import Store
 
@@ -76,3 +77,20 @@ def migrate(db):
     with Store(db):
         pass
     click.echo(f"{db} is at the current schema")
+
+
+@click.command()
+@db_option
+@click.option("--target-mb", type=click.FloatRange(min=0, min_open=True), default=1024, show_default=True,
+              help="Largest merged segment, in megabytes of stored vectors.")
+def compact(db, target_mb):
+    """Merge small adjacent vector segments of --db into larger ones.
+
+    Codes are merged as stored, so scores do not change; queries open fewer files.
+
+    \b
+    trimdb compact --db pool.duckdb --target-mb 2048
+    """
+    summary = compact_index(db, target_mb)
+    click.echo(f"{summary.segments_before} segments ({summary.bytes_before / 1e6:.1f} MB) -> "
+               f"{summary.segments_after} segments ({summary.bytes_after / 1e6:.1f} MB)")

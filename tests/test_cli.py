@@ -149,17 +149,16 @@ def test_index_append_adds_samples(built, tmp_path):
     assert [row[0] for row in rows(db, "SELECT name FROM sources ORDER BY source_id")] == ["pool", "extra"]
 
 
-def test_index_same_file_skips_duplicates(built, tmp_path):
+def test_index_same_file_counts_already_indexed(built, tmp_path):
     db = copy_db(built["db"], tmp_path / "copy")
     before = snapshot(db)
     result = invoke_ok(*index_args(db, built["model"], built["pool"]))
 
-    assert f"skipped {len(POOL)} records ({len(POOL)} duplicates)" in result.output
-    skipped = rows(db, "SELECT path, line, reason FROM skipped WHERE run_id = 4 ORDER BY line")
-    assert [line for _, line, _ in skipped] == list(range(1, len(POOL) + 1))
-    assert all(path == str(built["pool"]) for path, _, _ in skipped)
-    assert all("duplicate" in reason for _, _, reason in skipped)
-    assert json.loads(scalar(db, "SELECT stats FROM runs WHERE run_id = 4"))["n_duplicates"] == len(POOL)
+    assert f"{len(POOL)} samples were already in the index" in result.output
+    stats = json.loads(scalar(db, "SELECT stats FROM runs WHERE run_id = 4"))
+    assert stats["n_already_indexed"] == len(POOL)
+    assert stats["n_duplicates"] == 0
+    assert rows(db, "SELECT * FROM skipped WHERE run_id = 4") == []
     after = snapshot(db)
     for table in ("samples", "tokens", "segments", "files"):
         assert after[table] == before[table], table

@@ -89,3 +89,22 @@ def test_index_batching_does_not_change_vectors(tmp_path, tiny_model_dir, pool_f
     # Saliency is min-max normalized per sample; the random model's attention is nearly uniform,
     # so the range is small and float32 rounding of padded batches grows to about 5e-4.
     np.testing.assert_allclose(vectors[1], vectors[3], atol=2e-3)
+
+
+def test_query_where_restricts_scan(tmp_path, tiny_model_dir, pool_file, target_file):
+    db = tmp_path / "pool.duckdb"
+    index_corpus(db, [pool_file], model=str(tiny_model_dir), settings=TINY_INDEX, progress=False)
+    settings = ScoreSettings(saliency=SaliencySettings(layers=2))
+    full = query_tasks(db, {"math": target_file}, "100%", settings=settings, progress=False)
+    where = "n_tokens < 30"
+    part = query_tasks(db, {"math": target_file}, "50%", settings=settings, where=where, progress=False)
+
+    with Store(db, read_only=True) as store:
+        kept = {row[0] for row in store.query(f"SELECT sample_id FROM sample_info WHERE {where}").fetchall()}
+        scored = dict(store.query("SELECT sample_id, score FROM scored WHERE run_id = ?", [part.run_id]).fetchall())
+        reference = dict(store.query("SELECT sample_id, score FROM scored WHERE run_id = ?", [full.run_id]).fetchall())
+    assert 0 < len(kept) < 12
+    assert set(scored) == kept
+    for sample_id, score in scored.items():
+        assert score == pytest.approx(reference[sample_id], abs=1e-12)
+    assert part.tasks[0].n_selected == -(-len(kept) // 2)

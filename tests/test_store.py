@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 import trimdb.indexing
+import trimdb.segments
 from tests.conftest import POOL, TARGETS, write_jsonl
 from trimdb.errors import StorageError
 from trimdb.indexing import index_corpus
@@ -188,13 +189,13 @@ def test_store_rejects_newer_revision(tmp_path):
 # Crash safety ------------------------------------------------------------------------------
 
 
-def fail_write_skipped(connection, skipped, run_id):
+def fail_write_tokens(*arguments):
     raise RuntimeError("simulated crash after the segment file was written")
 
 
 def test_index_crash_commits_nothing(tmp_path, tiny_model_dir, pool_file, monkeypatch):
     db = tmp_path / "pool.duckdb"
-    monkeypatch.setattr(trimdb.indexing, "_write_skipped", fail_write_skipped)
+    monkeypatch.setattr(trimdb.segments, "_write_tokens", fail_write_tokens)
     with pytest.raises(RuntimeError, match="simulated crash"):
         index_corpus(db, [pool_file], model=str(tiny_model_dir), settings=TINY_INDEX, progress=False)
 
@@ -209,7 +210,7 @@ def test_index_crash_keeps_earlier_run(tmp_path, tiny_model_dir, pool_file, monk
     index_corpus(db, [pool_file], model=str(tiny_model_dir), settings=TINY_INDEX, progress=False)
     before, files = counts(db), vector_files(db)
     extra = write_jsonl(tmp_path / "extra.jsonl", TARGETS)
-    monkeypatch.setattr(trimdb.indexing, "_write_skipped", fail_write_skipped)
+    monkeypatch.setattr(trimdb.segments, "_write_tokens", fail_write_tokens)
     with pytest.raises(RuntimeError, match="simulated crash"):
         index_corpus(db, [extra], model=str(tiny_model_dir), settings=TINY_INDEX, progress=False)
 

@@ -27,6 +27,7 @@ from trimdb.export import resolve_run
 from trimdb.fingerprints import Fingerprints
 from trimdb.query import SCOPE_PARTS
 from trimdb.render import PART_NAMES
+from trimdb.scoring import score_tokens
 from trimdb.settings import SaliencySettings, ScoreSettings
 from trimdb.store import Segment, Store
 
@@ -38,8 +39,8 @@ DEFAULT_TOP = 10
 SHOWN_SAMPLE_IDS = 5
 # A UTF-8 character spans at most 4 bytes, so byte-level tokens complete a character within 4 tokens.
 MAX_PENDING_TOKENS = 4
-# Sequential colour scales from ColorBrewer (Cynthia Brewer, colorbrewer2.org): 9-class YlOrRd
-# for token scores and 9-class Blues for saliency; light means low, dark means high.
+# Sequential colour scales from ColorBrewer (Cynthia Brewer, colorbrewer2.org), the values of
+# matplotlib's "YlOrRd" (token scores) and "Blues" (saliency) maps. Light means low, dark high.
 SCORE_COLORS = ("#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026")
 SALIENCY_COLORS = ("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
 
@@ -155,17 +156,17 @@ def _find_sample(store: Store, sample_id: str, task: str, run_id: int) -> tuple[
     row = store.query("SELECT sample_key, source FROM sample_info WHERE sample_id = ?", [sample_id]).fetchone()
     if row is not None:
         return int(row[0]), row[1]
-    shown = [r[0] for r in store.query("SELECT sample_id FROM scored WHERE run_id = ? AND task = ? ORDER BY rank LIMIT ?",
-                                       [run_id, task, SHOWN_SAMPLE_IDS]).fetchall()]
+    top_ids = [r[0] for r in store.query("SELECT sample_id FROM scored WHERE run_id = ? AND task = ? ORDER BY rank LIMIT ?",
+                                         [run_id, task, SHOWN_SAMPLE_IDS]).fetchall()]
     listing = f"trimdb sql --db {store.path} \"SELECT rank, sample_id, source, score FROM scored " \
               f"WHERE task = '{task}' AND run_id = {run_id} ORDER BY rank\""
     raise SettingsError(
         f"sample {sample_id!r} not found in {store.path}; the top samples of task {task!r} in run {run_id} are "
-        f"{', '.join(shown) or 'none'}. List every sample id with: {listing}"
+        f"{', '.join(top_ids) or 'none'}. List every sample id with: {listing}"
     )
 
 
-def _token_rows(store: Store, sample_key: int) -> dict[str, np.ndarray]:
+def _token_rows(store: Store, sample_key: int) -> dict:
     rows = store.query("SELECT token_key, position, token_class, part, saliency FROM tokens WHERE sample_key = ? "
                        "ORDER BY token_key", [sample_key]).fetchnumpy()
     tokens = {name: np.asarray(rows[name]) for name in ("token_key", "position", "token_class", "part")}
@@ -193,21 +194,18 @@ def read_token_vectors(store: Store, token_keys: np.ndarray) -> np.ndarray:
     start = int(np.searchsorted(ids, first))
     if not np.array_equal(ids[start:start + count], token_keys):
         raise StorageError(f"vector segment {row[1]} does not hold token keys {first}..{last} in order; rebuild the index")
-    vectors = faiss.downcast_index(index.index).reconstruct_n(start, count)  # (n, D)
-    del index
-    return vectors
+    return faiss.downcast_index(index.index).reconstruct_n(start, count)  # (n, D), decoded by the segment's codec
 
 
 def load_fingerprints(store: Store, run_id: int, task: str) -> Fingerprints:
     """Read a task's fingerprints of one run from the fingerprints table, sorted by token class."""
-    table = store.query("SELECT token_class, n_occurrences, saliency_sum, vector FROM fingerprints "
-                        "WHERE run_id = ? AND task = ? ORDER BY token_class", [run_id, task]).fetch_arrow_table()
-    if table.num_rows == 0:
+    rows = store.query("SELECT token_class, n_occurrences, saliency_sum, vector FROM fingerprints "
+                       "WHERE run_id = ? AND task = ? ORDER BY token_class", [run_id, task]).fetchnumpy()
+    if len(rows["token_class"]) == 0:
         raise StorageError(f"{store.path}: run {run_id} stored no fingerprints for task {task!r}; rerun the query")
-    flat = table.column("vector").combine_chunks().flatten().to_numpy()
-    vectors = flat.reshape(table.num_rows, -1).astype(np.float32)  # (F, D)
-    return Fingerprints(table.column("token_class").to_numpy().astype(np.int64), vectors,
-                        table.column("n_occurrences").to_numpy(), table.column("saliency_sum").to_numpy())
+    vectors = np.stack(list(rows["vector"])).astype(np.float32)  # (F, D)
+    return Fingerprints(np.asarray(rows["token_class"], np.int64), vectors,
+                        np.asarray(rows["n_occurrences"]), np.asarray(rows["saliency_sum"]))
 
 
 def _stored_score(store: Store, run_id: int, task: str, sample_key: int) -> tuple[StoredScore | None, bool]:
@@ -258,8 +256,6 @@ def token_texts(tokenizer, token_classes: np.ndarray, positions: np.ndarray) -> 
 
 def _score_rows(tokens, vectors, in_scope, fingerprints: Fingerprints, settings: ScoreSettings,
                 tokenizer) -> list[TokenScore]:
-    from trimdb.scoring import score_tokens
-
     texts = token_texts(tokenizer, tokens["token_class"], tokens["position"])
     rows = [TokenScore(int(p), int(c), t, PART_NAMES[int(part)], s, bool(scope))
             for p, c, t, part, s, scope in zip(tokens["position"], tokens["token_class"], texts, tokens["part"],

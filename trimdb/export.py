@@ -19,6 +19,10 @@ EXPORT_SUFFIXES = (".jsonl", ".parquet")
 def run_sql(db_path: str | Path, sql: str, parameters: list | None = None) -> tuple[list[str], list[tuple]]:
     """Run one statement on a read-only connection; return (column names, rows)."""
     with Store(db_path, read_only=True) as store:
+        # Without external access, a statement reaches only this database's tables: COPY ... TO,
+        # EXPORT DATABASE, ATTACH and read_csv are rejected. DuckDB applies the setting to the
+        # database instance until its last connection closes, and no statement can turn it back on.
+        store.query("SET enable_external_access = false")
         try:
             cursor = store.query(sql, parameters)
         except duckdb.Error as error:
@@ -32,6 +36,12 @@ def _sql_message(error: duckdb.Error, path: Path) -> str:
     text = str(error).splitlines()[0]
     if "read-only" in text or "read only" in text:
         return f"trimdb sql opens {path} read-only, so statements that write are rejected: {text}"
+    if isinstance(error, duckdb.PermissionException) or "external access" in text:
+        return (
+            f"trimdb sql reads only the tables of {path}, so statements that read or write other files "
+            f"(COPY, EXPORT DATABASE, ATTACH, read_csv) are rejected: {text}. "
+            "Write a coreset with `trimdb export`, or open the database with the duckdb client"
+        )
     return f"SQL failed on {path}: {text}"
 
 

@@ -74,7 +74,7 @@ def _runs(store: Store) -> list[dict]:
     """Return every run with its arguments, settings and stats.
 
     A run's row is written when its results are committed, so started_at and finished_at bracket
-    the write only; ``seconds`` is the whole run's time where the run stores it in its stats.
+    the write only. ``seconds`` is the whole run's time, taken from its stats where it is stored.
     """
     rows = store.query(
         "SELECT run_id, kind, started_at, finished_at, trimdb_version, arguments, settings, stats "

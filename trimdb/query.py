@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -73,6 +74,7 @@ def query_tasks(
     *,
     settings: ScoreSettings = ScoreSettings(),
     selection: SelectionSettings = SelectionSettings(),
+    where: str | None = None,
     model: str | None = None,
     format: str | None = None,
     progress: bool = True,
@@ -101,9 +103,9 @@ def query_tasks(
 
         loaded.use_attention("eager")
         results = [_fingerprint_task(name, Path(path), loaded, renderer, settings, format) for name, path in tasks.items()]
-        scores, sample_keys, sample_ids = _scan(store, results, settings, progress)
+        scores, sample_keys, sample_ids = _scan(store, results, settings, where, progress)
         selections = _select(store, results, scores, sample_keys, sample_ids, parsed_budget, selection)
-        run_settings = settings.to_dict() | selection.to_dict() | {"budget": list(parsed_budget)}
+        run_settings = settings.to_dict() | selection.to_dict() | {"budget": list(parsed_budget), "where": where}
         run_id = _write(store, results, scores, sample_keys, selections, run_settings, loaded, arguments or {})
     return QueryResult(run_id, results, time.perf_counter() - started)
 
@@ -151,43 +153,68 @@ def _fingerprint_task(name, path, loaded, renderer, settings: ScoreSettings, for
     return TaskResult(name, str(path), len(samples), n_tokens, fingerprints)
 
 
-def _scan(store: Store, results: list[TaskResult], settings: ScoreSettings, progress: bool):
-    """Score all tasks in one pass over the stored vectors; return per-task SampleScores."""
-    keys = store.query("SELECT token_key, sample_key, token_class, part FROM tokens ORDER BY token_key").fetchnumpy()
+def _scan(store: Store, results: list[TaskResult], settings: ScoreSettings, where: str | None, progress: bool):
+    """Score all tasks in one pass over the stored vectors; return per-task SampleScores.
+
+    Memory stays bounded: vectors and their token rows are read in chunks of SCAN_CHUNK, and only
+    per-sample accumulators (a few numbers per sample) live for the whole scan.
+    """
     samples = store.query("SELECT sample_key, sample_id FROM samples ORDER BY sample_key").fetchnumpy()
     sample_keys = np.asarray(samples["sample_key"], dtype=np.int64)
     sample_ids = np.asarray(samples["sample_id"], dtype=object)
-    token_keys = np.asarray(keys["token_key"], dtype=np.int64)
-    slots = np.searchsorted(sample_keys, np.asarray(keys["sample_key"], dtype=np.int64))
-    classes = np.asarray(keys["token_class"], dtype=np.int64)
-    in_scope = np.isin(np.asarray(keys["part"]), SCOPE_PARTS[settings.scope])
-
+    allowed = _allowed_samples(store, sample_keys, where)
     stacked = np.concatenate([r.fingerprints.vectors for r in results])  # (sum F, D)
     bounds = np.cumsum([0] + [len(r.fingerprints) for r in results])
     accumulators = [SampleAccumulator(len(sample_keys)) for _ in results]
-    bar = tqdm(total=len(token_keys), unit="tok", unit_scale=True, desc="score", disable=not progress)
+    scope = SCOPE_PARTS[settings.scope]
+
+    bar = tqdm(total=sum(s.n_vectors for s in store.segments()), unit="tok", unit_scale=True, desc="score",
+               disable=not progress)
     for segment in store.segments():
         for ids, vectors in store.iter_vectors(segment, SCAN_CHUNK):
-            rows = _token_rows(token_keys, ids, store)
-            keep = in_scope[rows]
-            similarities = vectors[keep] @ stacked.T
+            tokens = _token_rows(store, ids)
+            slots = np.searchsorted(sample_keys, tokens["sample_key"])
+            keep = np.isin(tokens["part"], scope) & allowed[slots]
+            similarities = vectors[keep] @ stacked.T  # (kept tokens, sum F)
             for task_index, result in enumerate(results):
                 part = similarities[:, bounds[task_index]:bounds[task_index + 1]]
-                token_scores, unseen = score_tokens(vectors[keep], classes[rows][keep], result.fingerprints,
+                token_scores, unseen = score_tokens(vectors[keep], tokens["token_class"][keep], result.fingerprints,
                                                     settings.unseen_penalty, similarities=part)
-                accumulators[task_index].add(slots[rows][keep], token_scores, unseen)
+                accumulators[task_index].add(slots[keep], token_scores, unseen)
             bar.update(len(ids))
     bar.close()
     scores = [a.finish(settings.mean_weight, settings.max_weight) for a in accumulators]
     return scores, sample_keys, sample_ids
 
 
-def _token_rows(token_keys: np.ndarray, ids: np.ndarray, store: Store) -> np.ndarray:
-    rows = np.searchsorted(token_keys, ids)
-    rows = np.minimum(rows, len(token_keys) - 1)
-    if not np.array_equal(token_keys[rows], ids):
-        raise StorageError(f"{store.path}: a vector segment contains token keys that are missing from the tokens table; rebuild the index")
-    return rows
+def _allowed_samples(store: Store, sample_keys: np.ndarray, where: str | None) -> np.ndarray:
+    """Return a mask over sample slots: the samples that ``where`` (SQL over sample_info) keeps."""
+    if where is None:
+        return np.ones(len(sample_keys), dtype=bool)
+    try:
+        kept = store.query(f"SELECT sample_key FROM sample_info WHERE {where}").fetchnumpy()["sample_key"]
+    except duckdb.Error as error:
+        raise SettingsError(
+            f"invalid --where condition {where!r}: {str(error).splitlines()[0]}; it is SQL over the sample_info "
+            "view (sample_id, source, path, line, n_turns, n_tokens, truncated, record)"
+        ) from error
+    log.info("--where keeps %d of %d samples", len(kept), len(sample_keys))
+    return np.isin(sample_keys, np.asarray(kept, dtype=np.int64))
+
+
+def _token_rows(store: Store, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Return sample_key, token_class and part of consecutive token keys ``ids``, in key order."""
+    rows = store.query(
+        "SELECT token_key, sample_key, token_class, part FROM tokens WHERE token_key BETWEEN ? AND ? ORDER BY token_key",
+        [int(ids[0]), int(ids[-1])]).fetchnumpy()
+    if not np.array_equal(np.asarray(rows["token_key"], dtype=np.int64), ids):
+        raise StorageError(
+            f"{store.path}: a vector segment contains token keys {ids[0]}..{ids[-1]} that do not match the tokens "
+            "table; rebuild the index"
+        )
+    return {"sample_key": np.asarray(rows["sample_key"], dtype=np.int64),
+            "token_class": np.asarray(rows["token_class"], dtype=np.int64),
+            "part": np.asarray(rows["part"])}
 
 
 @dataclass

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,8 @@ def _decode_line(raw: bytes, path: Path, line: int) -> Any:
         return json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as error:
         return InputError(path, line, None, f"invalid JSON: {error.msg} at column {error.colno}")
+    except (ValueError, RecursionError) as error:
+        return InputError(path, line, None, f"invalid JSON: {_parser_limit(error)}")
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
@@ -374,6 +377,18 @@ def _load_json(path: Path) -> Any:
             return _JSONL_CONTENT
         raise InputError(path, None, None,
                          f"invalid JSON: {error.msg} at line {error.lineno} column {error.colno}") from error
+    except (ValueError, RecursionError) as error:
+        raise InputError(path, None, None, f"invalid JSON: {_parser_limit(error)}") from error
+
+
+def _parser_limit(error: ValueError | RecursionError) -> str:
+    """Describe the limit of Python's JSON parser that well-formed JSON exceeded."""
+    if isinstance(error, RecursionError):
+        return f"arrays or objects nested too deeply for Python's parser (recursion limit {sys.getrecursionlimit()})"
+    if "integer string conversion" in str(error):
+        # Python 3.11 and later reject integers longer than sys.get_int_max_str_digits() digits.
+        return f"an integer has more than {sys.get_int_max_str_digits()} digits, Python's limit; write it as a string"
+    return str(error)
 
 
 def _json_records(document: Any, path: Path) -> list:

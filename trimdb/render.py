@@ -111,8 +111,9 @@ class Renderer:
         parts = self._label(input_ids, offsets, spans)
         if RESPONSE not in parts:
             raise RenderError(
-                f"sample has no response tokens among its {len(parts)} tokens. "
-                "It needs an assistant message with non-empty content."
+                f"sample has no response tokens among its {len(parts)} tokens: its assistant content is "
+                "missing, empty, or only special tokens, which count as template. "
+                "Give it an assistant message with ordinary text."
             )
         return self._truncate(input_ids, parts)
 

@@ -96,6 +96,8 @@ class IndexSettings:
     batch_tokens: int = 8192
     # Render samples with the plain template even when the tokenizer has a chat template.
     plain_template: bool = False
+    # Vector codec of the stored token states (trimdb.codecs.CODECS).
+    codec: str = "float32"
 
     def validate(self) -> None:
         self.saliency.validate()
@@ -103,6 +105,9 @@ class IndexSettings:
             raise SettingsError(f"max length must be at least 8 tokens, got {self.max_length}")
         if self.dtype not in DTYPES:
             raise SettingsError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from trimdb.codecs import validate_codec
+
+        validate_codec(self.codec)
         if self.batch_tokens < self.max_length:
             raise SettingsError(
                 f"batch tokens ({self.batch_tokens}) must be at least the max length ({self.max_length})"
@@ -115,6 +120,8 @@ class IndexSettings:
     def from_dict(cls, values: dict) -> "IndexSettings":
         values = dict(values)
         values["saliency"] = SaliencySettings(**values.get("saliency", {}))
+        # Indexes written before codecs existed stored float32 vectors.
+        values.setdefault("codec", "float32")
         return cls(**values)
 
 

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,11 +31,13 @@ from alembic.ddl.impl import DefaultImpl
 
 import migrations
 from trimdb import __version__
+from trimdb.codecs import build_codec
 from trimdb.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-SEGMENT_CODEC = "flat-float32"
+# The trained, empty codec index from which every segment of a trained codec starts.
+CODEC_FILE = "codec.faiss"
 
 
 @dataclass
@@ -111,8 +114,14 @@ class Store:
             raise StorageError(f"{self.path} is open read-only")
         if self.connection.in_transaction():
             self.connection.commit()
-        with self.connection.begin():
-            yield self.raw
+        try:
+            with self.connection.begin():
+                yield self.raw
+        except (sa.exc.DBAPIError, duckdb.Error) as error:
+            message = _duckdb_write_failure(error)
+            if message is None:
+                raise
+            raise StorageError(message) from error
 
     def query(self, sql: str, parameters: list | tuple | None = None):
         return self.raw.execute(sql, parameters or [])
@@ -126,11 +135,14 @@ class Store:
 
     def start_run(self, connection, kind: str, arguments: dict, settings: dict) -> int:
         run_id = self.next_id("runs", "run_id")
+        self.insert_run(connection, run_id, kind, arguments, settings)
+        return run_id
+
+    def insert_run(self, connection, run_id: int, kind: str, arguments: dict, settings: dict) -> None:
         connection.execute(
             "INSERT INTO runs (run_id, kind, started_at, trimdb_version, arguments, settings) VALUES (?, ?, ?, ?, ?, ?)",
             [run_id, kind, _now(), __version__, json.dumps(arguments), json.dumps(settings)],
         )
-        return run_id
 
     def finish_run(self, connection, run_id: int, stats: dict) -> None:
         connection.execute(
@@ -148,20 +160,31 @@ class Store:
 
     # Vector segments -----------------------------------------------------------------------
 
-    def write_segment(self, segment_id: int, vectors: np.ndarray, keys: np.ndarray) -> tuple[str, int]:
+    def write_segment(self, segment_id: int, vectors: np.ndarray, keys: np.ndarray,
+                      codec: str = "float32") -> tuple[str, int]:
         """Write vectors (N, D) float32 under int64 ids; return (file name, bytes). Atomic by rename."""
         if vectors.ndim != 2 or len(vectors) != len(keys):
             raise ValueError(f"vectors {vectors.shape} and keys {keys.shape} do not match")
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(keys, dtype=np.int64))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.vectors_dir.mkdir(exist_ok=True)
+        index = faiss.IndexIDMap2(self._codec_template(codec, vectors))
+        index.add_with_ids(vectors, np.ascontiguousarray(keys, dtype=np.int64))
         name = f"segment-{segment_id:06d}.faiss"
-        temporary = self.vectors_dir / f".{name}.tmp"
-        faiss.write_index(index, str(temporary))
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.vectors_dir / name)
+        _write_index_atomically(index, self.vectors_dir / name)
         return name, (self.vectors_dir / name).stat().st_size
+
+    def _codec_template(self, codec: str, vectors: np.ndarray):
+        """Return an empty trained index of ``codec``, training and saving it on first use."""
+        path = self.vectors_dir / CODEC_FILE
+        if path.exists():
+            template = faiss.read_index(str(path))
+            if template.d != vectors.shape[1]:
+                raise StorageError(f"{path} encodes {template.d} dimensions but the vectors have {vectors.shape[1]}")
+            return template
+        template, trained = build_codec(codec, vectors)
+        if trained:
+            _write_index_atomically(template, path)
+        return faiss.clone_index(template)
 
     def segments(self) -> list[Segment]:
         rows = self.query("SELECT segment_id, file, n_vectors, dim FROM segments ORDER BY segment_id").fetchall()
@@ -218,6 +241,8 @@ class Store:
         if not self.vectors_dir.exists():
             return
         known = {segment.file for segment in self.segments()}
+        if known:
+            known.add(CODEC_FILE)
         for path in self.vectors_dir.iterdir():
             if path.name not in known:
                 log.warning("removing %s: no committed run references it", path)
@@ -241,6 +266,39 @@ class Store:
         self.close()
 
 
+def _write_index_atomically(index, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        faiss.write_index(index, str(temporary))
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        # FAISS raises RuntimeError for a failed write, with the OS reason in parentheses at the end.
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.strerror:
+            reason = error.strerror
+        else:
+            match = re.search(r"\(([^()]+)\)$", str(error).strip())
+            reason = match.group(1) if match else str(error).strip()
+        raise StorageError(_write_failure_message(temporary, reason)) from error
+
+
+def _write_failure_message(path: Path, reason: str) -> str:
+    return (f"failed to write {path}: {reason}. Free space on the disk that holds {path.parent} "
+            "(or raise the file size limit, `ulimit -f`) and rerun")
+
+
+def _duckdb_write_failure(error: Exception) -> str | None:
+    """Return the message for a DuckDB error (raw or wrapped by SQLAlchemy) that is a failed write, else None."""
+    original = getattr(error, "orig", None) or error
+    # DuckDB 2.0 words a failed write as: Could not write file "PATH": OS REASON.
+    match = re.search(r'Could not (?:write|write all bytes to|fsync) file "([^"]+)": (.+)', str(original))
+    if match is None:
+        return None
+    return _write_failure_message(Path(match.group(1)), match.group(2))
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
@@ -248,10 +306,15 @@ def _now() -> dt.datetime:
 def _lock_message(path: Path, error: Exception) -> str:
     text = str(error)
     if "lock" in text.lower():
+        holder = re.search(r"lock is held in (.+?) \(PID (\d+)\)", text)
+        detail = f"{holder.group(1)}, PID {holder.group(2)}" if holder else text.splitlines()[0]
         return (
-            f"database {path} is in use by another process; wait for it to finish "
-            f"(DuckDB allows one writer per file): {text.splitlines()[0]}"
+            f"database {path} is in use by another process ({detail}); wait for it to finish. DuckDB lets "
+            "one process write a database file, or several processes read it, but not both at once"
         )
+    write_failure = _duckdb_write_failure(error)
+    if write_failure:
+        return write_failure
     return f"cannot open database {path}: {text.splitlines()[0] if text else type(error).__name__}"
 
 
