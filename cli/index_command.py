@@ -6,7 +6,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cli.options import db_option, format_option, index_options, model_option, progress_option
+from cli.options import adapter_option, db_option, format_option, index_options, model_option, progress_option
 from trimdb.indexing import DEFAULT_SEGMENT_MB, index_corpus
 from trimdb.records import ON_ERROR
 from trimdb.settings import IndexSettings, SaliencySettings
@@ -18,6 +18,7 @@ SKIPPED_SHOWN = 10
 @click.argument("corpus", nargs=-1, required=True, type=click.Path(exists=True))
 @db_option
 @model_option
+@adapter_option
 @format_option
 @index_options
 @click.option("--source", default=None, help="Source name for every sample. Default: the file name without extension.")
@@ -30,7 +31,7 @@ SKIPPED_SHOWN = 10
               show_default=True,
               help="Float32 vector megabytes per segment: the work a crash can lose, and the vectors held in memory.")
 @progress_option
-def index(corpus, db, model, record_format, dtype, max_length, batch_tokens, no_saliency, plain_template, codec,
+def index(corpus, db, model, adapter, record_format, dtype, max_length, batch_tokens, no_saliency, plain_template, codec,
           layers, row_saliency, source, source_column, on_error, append, segment_mb, progress):
     """Index CORPUS files (JSONL, JSON, Parquet, or folders of them) into --db.
 
@@ -48,11 +49,11 @@ def index(corpus, db, model, record_format, dtype, max_length, batch_tokens, no_
         plain_template=plain_template, codec=codec,
         saliency=SaliencySettings(layers=layers, row_saliency=row_saliency),
     )
-    arguments = {"corpus": list(corpus), "model": model, "format": record_format, "source": source,
+    arguments = {"corpus": list(corpus), "model": model, "adapter": adapter, "format": record_format, "source": source,
                  "source_column": source_column, "on_error": on_error}
     summary = index_corpus(db, list(corpus), model=model, settings=settings, format=record_format, source=source,
                            source_column=source_column, on_error=on_error, progress=progress, arguments=arguments,
-                           append=append, segment_mb=segment_mb)
+                           append=append, segment_mb=segment_mb, adapter=adapter)
     _print_summary(summary, db)
 
 

@@ -26,6 +26,14 @@ def model_option(function):
     )(function)
 
 
+def adapter_option(function):
+    return click.option(
+        "--adapter", default=None, type=click.Path(file_okay=False), metavar="DIR",
+        help="LoRA adapter folder written by `trimdb warmup`, merged into the model's weights. "
+             "Default for index: none. Default for query: the index's adapter, unless --model is given.",
+    )(function)
+
+
 def format_option(function):
     return click.option(
         "--format", "record_format", type=click.Choice(FORMATS), default=None,

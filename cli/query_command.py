@@ -8,11 +8,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cli.options import db_option, format_option, model_option, progress_option, score_options
+from cli.options import adapter_option, db_option, format_option, model_option, progress_option, score_options
 from trimdb.query import preview_text, query_tasks, summarize_task
 from trimdb.records import list_corpus_files
 from trimdb.selection import parse_split
-from trimdb.settings import SaliencySettings, ScoreSettings, SelectionSettings
+from trimdb.settings import METHODS, SaliencySettings, ScoreSettings, SelectionSettings
 from trimdb.store import Store
 
 
@@ -59,13 +59,26 @@ def parse_dedup(ctx, param, values) -> tuple[str, ...]:
 @click.option("--where", default=None, metavar="SQL",
               help="Score only the samples that this SQL condition over the sample_info view keeps, for example "
                    "\"source <> 'sharegpt' AND n_tokens < 512\". The budget applies to the samples kept.")
+@click.option("--exact/--approximate", default=True, show_default=True,
+              help="Scan every stored token vector, or score exactly only the candidates that the sample-summary "
+                   "index (built by `trimdb ann`) puts near the target samples.")
+@click.option("--candidates", type=click.IntRange(min=1), default=None,
+              help="With --approximate: nearest samples taken per target sample. Default: twice the budget's "
+                   "sample count, at least 100.")
+@click.option("--method", type=click.Choice(METHODS), default="trim", show_default=True,
+              help="Selection method: trim, or a baseline that writes the same tables: random (seeded uniform "
+                   "scores), bm25 (lexical, max over target samples) or embedding (cosine of mean hidden states, "
+                   "max over target samples).")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Seed of --method random. Default: 0.")
 @model_option
+@adapter_option
 @format_option
 @score_options
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Number of top samples to print per task.")
 @progress_option
-def query(db, tasks, budget, split, dedup, near_threshold, where, model, record_format, scope, unseen_penalty, row_weight, column_weight,
+def query(db, tasks, budget, split, dedup, near_threshold, where, exact, candidates, method, seed, model, adapter, record_format, scope, unseen_penalty, row_weight, column_weight,
           mean_weight, max_weight, layers, row_saliency, top, progress):
     """Score every indexed sample for each --task and store the ranked coreset.
 
@@ -75,6 +88,7 @@ def query(db, tasks, budget, split, dedup, near_threshold, where, model, record_
     \b
     trimdb query --db pool.duckdb --task gsm8k=gsm8k.jsonl --budget 5%
     trimdb query --db pool.duckdb --task mmlu=mmlu.jsonl --budget 200 --scope response
+    trimdb query --db pool.duckdb --task gsm8k=gsm8k.jsonl --budget 5% --method bm25
     """
     settings = ScoreSettings(
         saliency=SaliencySettings(layers=layers, row_saliency=row_saliency, row_weight=row_weight,
@@ -85,9 +99,16 @@ def query(db, tasks, budget, split, dedup, near_threshold, where, model, record_
         split=parse_split(split, list(tasks)), exact_dedup="exact" in dedup,
         near_dedup_threshold=near_threshold if "near" in dedup else None,
     )
-    arguments = {"tasks": tasks, "budget": budget, "model": model, "format": record_format}
-    result = query_tasks(db, tasks, budget, settings=settings, selection=selection, where=where, model=model,
-                         format=record_format, progress=progress, arguments=arguments)
+    arguments = {"tasks": tasks, "budget": budget, "model": model, "adapter": adapter, "format": record_format, "method": method}
+    if seed is not None and method != "random":
+        raise click.UsageError("--seed applies only with --method random")
+    if exact and candidates is not None:
+        raise click.UsageError("--candidates applies only with --approximate")
+    approximate = None if exact else (candidates or "auto")
+    result = query_tasks(db, tasks, budget, settings=settings, selection=selection, where=where,
+                         candidates=approximate, model=model, adapter=adapter,
+                         format=record_format, progress=progress, arguments=arguments, method=method,
+                         seed=seed or 0)
     console = Console()
     with Store(db, read_only=True) as store:
         for task in result.tasks:
@@ -115,8 +136,10 @@ def _print_combined(console: Console, store: Store, run_id: int, n_tasks: int) -
 
 
 def _print_task(console: Console, task, summary: dict) -> None:
+    # Baseline methods store no fingerprints.
+    fingerprints = f", {len(task.fingerprints)} fingerprints" if len(task.fingerprints) else ""
     console.rule(f"task {task.task}: {task.n_selected} of {task.n_scored} samples selected "
-                 f"({task.n_targets} targets, {len(task.fingerprints)} fingerprints)")
+                 f"({task.n_targets} targets{fingerprints})")
     if summary["top"]:
         table = Table("rank", "sample_id", "source", "score", "tokens", "prompt", title="top of the coreset")
         for row in summary["top"]:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.options import db_option
+from trimdb.ann import build_ann
 from trimdb.compact import compact_index
 from trimdb.export import EXPORT_SUFFIXES, export_coreset, run_sql
 from trimdb.store import Store
@@ -94,3 +95,23 @@ def compact(db, target_mb):
     summary = compact_index(db, target_mb)
     click.echo(f"{summary.segments_before} segments ({summary.bytes_before / 1e6:.1f} MB) -> "
                f"{summary.segments_after} segments ({summary.bytes_after / 1e6:.1f} MB)")
+
+
+@click.command()
+@db_option
+@click.option("--lists", type=click.IntRange(min=0), default=None,
+              help="IVF lists of the summary index. Default: about 4 x sqrt(samples); exact search under 10,000 "
+                   "samples.")
+def ann(db, lists):
+    """Build the sample-summary index that `trimdb query --approximate` searches.
+
+    One vector per sample (the normalized mean of its stored token vectors) in a FAISS IVF index.
+    Rebuild it after indexing more data; approximate queries reject a stale one.
+
+    \b
+    trimdb ann --db pool.duckdb
+    trimdb query --db pool.duckdb --task gsm8k=gsm8k.jsonl --budget 5% --approximate
+    """
+    summary = build_ann(db, lists)
+    click.echo(f"indexed {summary.n_samples} sample summaries ({summary.n_lists or 'exact search, no'} IVF lists, "
+               f"{summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s")

@@ -32,14 +32,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TRIMDB = [sys.executable, "-c", "from cli.main import main; main()"]
 ENV = os.environ | {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
 # Samples in the pool that `trimdb index` writes while other commands try to open the database.
-# With one CPU thread the tiny model needs about 6 s for their forward passes, which leaves time
-# for the competing commands (a fraction of a second each once imported).
+# With one CPU thread the tiny model needs about 6 s for their forward passes (2 CPU cores). The
+# competing commands are imported before they start, and finish about 2 s after it.
 CONTENDED_POOL_SIZE = 600
 WORDS = "the quick brown fox jumps over lazy dog add solve multiply sea blue sky number list python".split()
 DEADLINE_S = 120
 
 # Imports the CLI, creates READY_FILE, waits for GO_FILE, then runs `trimdb ARGS...`. Importing
-# torch and transformers takes seconds, so the command starts the moment the test says go.
+# torch and transformers takes seconds, so the command starts the moment the test creates GO_FILE.
 WAITER = """
 import pathlib, sys, time
 from cli.main import main
@@ -53,7 +53,7 @@ while not go.exists():
 sys.argv = ["trimdb", *sys.argv[3:]]
 main()
 """
-# Opens the database read-only with trimdb's Store, creates READY_FILE and holds it open.
+# Opens the database read-only with trimdb's Store, creates READY_FILE and keeps the database open.
 READER = """
 import pathlib, sys, time
 from trimdb.store import Store
@@ -101,7 +101,7 @@ def db_copy(pool_db, tmp_path):
 
 @pytest.fixture
 def reader(db_copy, tmp_path):
-    """A second process that holds the database copy open read-only."""
+    """A second process that keeps the database copy open read-only."""
     db, _ = db_copy
     ready = tmp_path / "reader-ready"
     process = subprocess.Popen([sys.executable, "-c", READER, str(db), str(ready)], env=ENV)
@@ -145,8 +145,11 @@ def contended(tmp_path_factory, tiny_model_dir):
             index = subprocess.Popen(TRIMDB + list(map(str, index_args(db, tiny_model_dir, pool))),
                                      env=ENV | {"OMP_NUM_THREADS": "1"},
                                      stdout=log_file, stderr=subprocess.STDOUT)
-        wait_for(lambda: all((folder / f"{name}-ready").exists() for name in commands), "the CLI imports")
-        # The index holds the database open from its creation until it exits; the forward passes
+        wait_for(lambda: all((folder / f"{name}-ready").exists() or waiters[name].poll() is not None
+                             for name in commands), "the CLI imports")
+        for name, waiter in waiters.items():
+            assert waiter.poll() is None, f"the {name} process exited early: {waiter.communicate()[0]}"
+        # The index keeps the database open from its creation until it exits. Its forward passes
         # start after every record is read and rendered.
         wait_for(lambda: "forward passes over" in log.read_text() or index.poll() is not None,
                  "the index to start its forward passes")
@@ -261,47 +264,71 @@ def test_sql_reads_tables_and_json(db_copy):
 # Full disk -------------------------------------------------------------------------------------
 
 
-def index_with_file_limit(limit_bytes: int, *args) -> subprocess.CompletedProcess:
-    """Run `trimdb ARGS` in a child process that cannot grow any file past ``limit_bytes``."""
+def start_with_file_limit(limit_bytes: int, args: list) -> subprocess.Popen:
+    """Start `trimdb ARGS` in a child process that cannot grow any file past ``limit_bytes``."""
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.run(TRIMDB + list(map(str, args)), preexec_fn=limit_file_size, env=ENV,
-                          capture_output=True, text=True, timeout=DEADLINE_S)
+    return subprocess.Popen(TRIMDB + list(map(str, args)), preexec_fn=limit_file_size, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def assert_write_failed(result: subprocess.CompletedProcess, path: Path) -> None:
-    assert result.returncode == 1, result.stderr
-    assert f"Error: failed to write {path}: File too large" in result.stderr
-    assert "Free space on the disk that holds" in result.stderr
-    assert "Traceback" not in result.stderr
+def conversation_record(prompt: str, response: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], **extra}
 
 
-def test_full_disk_segment_new_database(tmp_path, tiny_model_dir, pool_file):
-    db = tmp_path / "new.duckdb"
-    # DuckDB's first writes fit in 20 kB; the pool's vector segment (about 100 kB) does not.
-    result = index_with_file_limit(20_000, *index_args(db, tiny_model_dir, pool_file))
-    assert_write_failed(result, Path(f"{db}.vectors") / ".segment-000001.faiss.tmp")
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory, pool_db, tiny_model_dir):
+    """Run three `trimdb index` processes at once, each with a file size limit that one write exceeds.
+
+    Returns, per case, the exit code and output, the database, its snapshot before the run, and
+    the file whose write fails.
+    """
+    folder = tmp_path_factory.mktemp("full-disk")
+    new_db = folder / "new" / "new.duckdb"
+    segment_db = copy_db(pool_db, folder / "segment")
+    log_db = copy_db(pool_db, folder / "log")
+    big_record = conversation_record("Say hi.", "hi", notes="x" * 1_000_000)
+    (folder / "big.jsonl").write_text(json.dumps(big_record) + "\n")
+    cases = {
+        # DuckDB's first writes fit in 20 kB, but the pool's vector segment (about 100 kB) does not.
+        "segment-new": (new_db, 20_000, write_jsonl(folder / "pool.jsonl", POOL),
+                        Path(f"{new_db}.vectors") / ".segment-000001.faiss.tmp"),
+        # The database file already exceeds 150 kB but is only read. The new segment needs about 700 kB.
+        "segment-existing": (segment_db, 150_000, random_pool(folder / "extra.jsonl", 20),
+                             Path(f"{segment_db}.vectors") / ".segment-000002.faiss.tmp"),
+        # The segment (a few kB) fits, but the 1 MB record does not fit in DuckDB's write-ahead log.
+        "log": (log_db, 500_000, folder / "big.jsonl", Path(f"{log_db}.wal")),
+    }
+    before = {name: snapshot(db) for name, (db, *_) in cases.items()}
+    processes = {name: start_with_file_limit(limit, index_args(db, tiny_model_dir, corpus))
+                 for name, (db, limit, corpus, _) in cases.items()}
+    try:
+        outputs = {name: process.communicate(timeout=DEADLINE_S)[0] for name, process in processes.items()}
+    finally:
+        for process in processes.values():
+            stop(process)
+    return {name: {"returncode": processes[name].returncode, "output": outputs[name], "db": db,
+                   "before": before[name], "failed_file": failed_file}
+            for name, (db, _, _, failed_file) in cases.items()}
+
+
+@pytest.mark.parametrize("case", ["segment-new", "segment-existing", "log"])
+def test_full_disk_message(full_disk, case):
+    result = full_disk[case]
+    assert result["returncode"] == 1, result["output"]
+    assert f"Error: failed to write {result['failed_file']}: File too large" in result["output"]
+    assert "Free space on the disk that holds" in result["output"]
+    assert "Traceback" not in result["output"]
+
+
+def test_full_disk_new_database_removed(full_disk):
+    db = full_disk["segment-new"]["db"]
     assert not db.exists()
     assert not Path(f"{db}.vectors").exists()
 
 
-def test_full_disk_segment_existing_database(db_copy, tiny_model_dir, tmp_path):
-    db, before = db_copy
-    extra = random_pool(tmp_path / "extra.jsonl", 20)
-    # The database file already exceeds 150 kB but is only read; the new segment needs about 1 MB.
-    result = index_with_file_limit(150_000, *index_args(db, tiny_model_dir, extra))
-    assert_write_failed(result, Path(f"{db}.vectors") / ".segment-000002.faiss.tmp")
-    assert snapshot(db) == before
-
-
-def test_full_disk_database_log(db_copy, tiny_model_dir, tmp_path):
-    db, before = db_copy
-    record = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
-              "notes": "x" * 1_000_000}
-    extra = tmp_path / "extra.jsonl"
-    extra.write_text(json.dumps(record) + "\n")
-    # The segment (a few kB) fits; the 1 MB record does not fit in DuckDB's write-ahead log.
-    result = index_with_file_limit(500_000, *index_args(db, tiny_model_dir, extra))
-    assert_write_failed(result, Path(f"{db}.wal"))
-    assert snapshot(db) == before
+@pytest.mark.parametrize("case", ["segment-existing", "log"])
+def test_full_disk_database_unchanged(full_disk, case):
+    result = full_disk[case]
+    assert snapshot(result["db"]) == result["before"]

@@ -2,7 +2,7 @@
 
 Reading and rendering either yield a record or list it as skipped with its file, line and reason,
 and no exception but trimdb's own escapes. `trimdb index --on-error skip` stores the valid records
-and lists every other one in the ``skipped`` table; stop mode names the first bad record and
+and lists every other one in the ``skipped`` table. Stop mode names the first bad record and
 leaves the database as it was.
 
 Length rule at ``--max-length 64``, as trimdb.render implements it: a longer sample loses prompt
@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import write_jsonl
 from tests.test_cli import copy_db, index_args, invoke, invoke_ok, rows, scalar, snapshot
 from tests.tiny import build_tiny_tokenizer
 from trimdb.errors import RenderError, TrimdbError
@@ -112,6 +111,8 @@ JSONL_CASES = [
     Case(b"   ", False),  # a blank line is no record: neither indexed nor skipped
     indexed(conversation(("Name a fruit.", "apple"), system=False)),
     indexed(conversation(("Multiply 6 by 7.", "6 * 7 = 42."), system=False), truncated=True),
+    skipped(conversation(("Hi there.", "ok"), meta="\ud800"), "meta", "invalid Unicode: lone surrogate"),
+    skipped(conversation(("Hi there.", "ok"), tags={"\udc00": 1}), "tags.\\udc00", "invalid Unicode: lone surrogate"),
 ]
 JSON_CASES = [
     indexed({"instruction": "Say hi.", "output": "hi", "system": "Be brief."}),
@@ -196,7 +197,7 @@ def test_index_skip_flags_truncation(fuzz_db):
 
 
 def truncated_lengths(line: bytes) -> tuple[int, int]:
-    """Apply the length rule to the token counts of the untruncated rendering of a JSONL line."""
+    """Return the (prompt, response) token counts that the length rule leaves of a JSONL line's sample."""
     untruncated = Renderer(build_tiny_tokenizer(), max_length=100_000)
     parts = untruncated.render(to_messages(json.loads(line), "messages", path="-", line=1)).parts
     n_template, n_prompt, n_response = (parts.count(part) for part in (TEMPLATE, PROMPT, RESPONSE))
@@ -213,14 +214,15 @@ def test_index_truncation_cuts_prompt_first(fuzz_db):
 
 
 def test_index_truncation_keeps_response(fuzz_db):
-    lengths = rows(fuzz_db["db"], "SELECT n_prompt_tokens, n_response_tokens FROM samples WHERE truncated")
-    assert (0, MAX_LENGTH - 23) in lengths  # the long response: 23 template tokens with a system turn
-    assert all(n_response > 0 for _, n_response in lengths)
+    no_prompt = rows(fuzz_db["db"], "SELECT line, n_response_tokens FROM samples WHERE truncated AND n_prompt_tokens = 0")
+    assert no_prompt, "no truncated sample lost its whole prompt"
+    for line, n_response in no_prompt:
+        assert n_response > 0, line
 
 
 def test_index_huge_record_stored_whole(fuzz_db):
-    length = scalar(fuzz_db["db"], "SELECT length(record->>'meta') FROM samples WHERE path LIKE '%.jsonl' AND line = 10")
-    assert length == HUGE_BYTES
+    sql = "SELECT length(record->>'meta') FROM samples WHERE path LIKE '%.jsonl' AND line = 10"
+    assert scalar(fuzz_db["db"], sql) == HUGE_BYTES
 
 
 def test_index_skip_prints_table(fuzz_db):
@@ -298,7 +300,12 @@ STRINGS = ["", " \n\t", "\ud800", "\x00", "<|im_end|>", "<|im_start|>user", f"{S
 
 def _locations(value, found: list) -> list:
     """Collect (container, key) for every value nested in ``value``."""
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    else:
+        items = []
     for key, item in items:
         found.append((value, key))
         _locations(item, found)
@@ -333,7 +340,7 @@ def mutated_line(rng: random.Random, record: dict) -> bytes:
     record = copy.deepcopy(record)
     for _ in range(rng.randint(1, 3)):
         _mutate_structure(rng, record)
-    line = dumps(record)  # ASCII JSON, so a lone surrogate becomes a \\ud800 escape
+    line = dumps(record)  # ASCII JSON, so a lone surrogate becomes a \ud800 escape
     if rng.random() < 0.3:
         line = _mutate_bytes(rng, line)
     if rng.random() < 0.05:
@@ -342,7 +349,7 @@ def mutated_line(rng: random.Random, record: dict) -> bytes:
 
 
 def record_lines(data: bytes) -> list[int]:
-    """Return the numbers of the JSONL lines that hold a record: every line that is not blank.
+    """Return the numbers of the JSONL lines that contain a record, which are all lines that are not blank.
 
     A line that is not valid UTF-8 counts as a record, because trimdb reports it as invalid.
     """
@@ -359,7 +366,7 @@ def record_lines(data: bytes) -> list[int]:
 
 
 def read_and_render(path: Path, renderer: Renderer, **options) -> tuple[list[int], list[SkippedRecord]]:
-    """Read a file in skip mode and render each sample, as `trimdb index` does; return kept lines and skips."""
+    """Read a file in skip mode and render each sample as `trimdb index` does. Return kept lines and skips."""
     skipped_records: list[SkippedRecord] = []
     kept = []
     for sample in read_corpus([path], on_error="skip", skipped=skipped_records, **options):
@@ -369,6 +376,7 @@ def read_and_render(path: Path, renderer: Renderer, **options) -> tuple[list[int
             skipped_records.append(SkippedRecord(sample.path, sample.line, None, str(error)))
             continue
         assert len(rendered.input_ids) <= MAX_LENGTH
+        json.dumps(sample.record, ensure_ascii=False).encode("utf-8")  # as `trimdb index` stores it
         kept.append(sample.line)
     return kept, skipped_records
 
@@ -384,7 +392,7 @@ def renderer():
 
 
 def mutated_files(folder: Path, forced: bool) -> list[tuple[Path, str]]:
-    """Write the seeded mutation files; in forced mode line 1 is mutated too, else it stays valid."""
+    """Write the seeded mutation files. Line 1 stays valid unless ``forced``, which mutates it too."""
     rng = random.Random(SEED + forced)
     files = []
     for number in range(JSONL_FILES):
@@ -451,4 +459,5 @@ def test_mutations_parquet(tmp_path, renderer):
     pq.write_table(table, path, row_group_size=7)
     kept, skipped_list = read_and_render(path, renderer, format="prompt_completion")
     assert sorted(kept + [record.line for record in skipped_list]) == list(range(1, n_rows + 1))
-    assert kept and skipped_list
+    assert kept
+    assert skipped_list

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +160,15 @@ def test_compact_keeps_scores(tmp_path, tiny_model_dir, reference, target_file):
     state = index_state(db)
     for sample_id, (_, _, _, vectors) in state.items():
         np.testing.assert_array_equal(vectors, expected[sample_id][3])
+
+
+def test_index_rejects_full_disk(tmp_path, tiny_model_dir, reference, monkeypatch):
+    pool, _ = reference
+    db = tmp_path / "pool.duckdb"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    result = CliRunner().invoke(cli, index_command(db, tiny_model_dir, pool))
+    assert result.exit_code == 1
+    assert "not enough disk space" in result.output
+    assert "GB are free" in result.output
+    assert not db.exists()

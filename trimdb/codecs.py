@@ -2,7 +2,7 @@
 
 Every codec is a FAISS index factory string over D dimensions with inner-product metric.
 Trained codecs (scalar quantizers, product quantizers, PCA) are trained once on the first
-segment of an index and saved as ``codec.faiss`` in the vector folder; later segments start from
+segment of an index and saved as ``codec.faiss`` in the vector folder. Later segments start from
 a copy of it, so every segment decodes with the same parameters.
 """
 

@@ -2,8 +2,8 @@
 
 Many small segments (from appends or small --segment-mb) cost a file open each during a query.
 Compaction merges adjacent segments whose token keys are consecutive, without decoding: FAISS
-merges the stored codes, so trained codecs lose nothing. The merged file is written first and
-the segment rows are swapped in one transaction; the old files are deleted after the commit, and
+merges the stored codes, so trained codecs lose nothing. The merged file is written first, and
+the segment rows are swapped in one transaction. The old files are deleted after the commit, so
 a crash in between leaves only unreferenced files, which the next writing run deletes.
 """
 
@@ -45,7 +45,7 @@ def compact_index(db_path: str | Path, target_mb: float = 1024) -> CompactSummar
         for group in groups:
             if len(group) > 1:
                 _merge(store, group)
-        after = store.query("SELECT count(*), coalesce(sum(bytes), 0) FROM segments").fetchone()
+        after = store.query("SELECT count(*), coalesce(sum(bytes), 0) FROM segments").fetchall()[0]
     summary = CompactSummary(before[0], int(after[0]), before[1], int(after[1]))
     log.info("compacted %d segments into %d", summary.segments_before, summary.segments_after)
     return summary

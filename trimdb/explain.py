@@ -146,7 +146,7 @@ def explain_sample(
 
 def run_settings(store: Store, run_id: int) -> ScoreSettings:
     """Return the score settings that a query run stored (its budget and unknown keys are ignored)."""
-    values = json.loads(store.query("SELECT settings FROM runs WHERE run_id = ?", [run_id]).fetchone()[0])
+    values = json.loads(store.query("SELECT settings FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0])
     known = {f.name for f in dataclasses.fields(ScoreSettings)} - {"saliency"}
     return ScoreSettings(saliency=SaliencySettings(**values["saliency"]),
                          **{key: value for key, value in values.items() if key in known})

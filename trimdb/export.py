@@ -52,7 +52,7 @@ def resolve_run(store: Store, task: str, run_id: int | None) -> int:
         known = ", ".join(tasks) if tasks else "none yet; run `trimdb query` first"
         raise SettingsError(f"task {task!r} not found in {store.path}; tasks: {known}")
     if run_id is None:
-        return int(store.query("SELECT max(run_id) FROM tasks WHERE task = ?", [task]).fetchone()[0])
+        return int(store.query("SELECT max(run_id) FROM tasks WHERE task = ?", [task]).fetchall()[0][0])
     if store.query("SELECT 1 FROM tasks WHERE task = ? AND run_id = ?", [task, run_id]).fetchone() is None:
         runs = [row[0] for row in store.query("SELECT run_id FROM tasks WHERE task = ? ORDER BY run_id", [task]).fetchall()]
         raise SettingsError(f"run {run_id} has no task {task!r}; its runs are {', '.join(map(str, runs))}")

@@ -92,6 +92,7 @@ def index_corpus(
     arguments: dict | None = None,
     append: bool = False,
     segment_mb: float = DEFAULT_SEGMENT_MB,
+    adapter: str | Path | None = None,
 ) -> IndexSummary:
     """Index the records of ``paths`` into the database at ``db_path`` (created unless ``append``)."""
     settings.validate()
@@ -103,7 +104,7 @@ def index_corpus(
     if append and created:
         raise StorageError(f"--append needs an existing index, but {db_path} does not exist; drop --append to create it")
     started = time.perf_counter()
-    loaded = load_model(model, dtype=settings.dtype)
+    loaded = load_model(model, dtype=settings.dtype, adapter=adapter)
     if settings.store_saliency:
         attention_modules(loaded.model, settings.saliency.layers)  # checks --layers before the database opens
     renderer = Renderer(loaded.tokenizer, max_length=settings.max_length, plain_template=settings.plain_template or None)

@@ -49,13 +49,13 @@ def _totals(store: Store) -> dict:
     return {
         "n_samples": int(n_samples),
         "n_truncated": int(n_truncated),
-        "n_tokens": int(store.query("SELECT count(*) FROM tokens").fetchone()[0]),
+        "n_tokens": int(store.query("SELECT count(*) FROM tokens").fetchall()[0][0]),
         "n_prompt_tokens": int(n_prompt),
         "n_response_tokens": int(n_response),
         "n_segments": int(n_segments),
         "n_vectors": int(n_vectors),
-        "n_runs": int(store.query("SELECT count(*) FROM runs").fetchone()[0]),
-        "n_tasks": int(store.query("SELECT count(DISTINCT task) FROM tasks").fetchone()[0]),
+        "n_runs": int(store.query("SELECT count(*) FROM runs").fetchall()[0][0]),
+        "n_tasks": int(store.query("SELECT count(DISTINCT task) FROM tasks").fetchall()[0][0]),
     }
 
 

@@ -5,11 +5,16 @@ local cache. With no name, the embedded default (SmolLM2-135M-Instruct, fetched 
 package registry and converted to a plain folder) is used. The identity hashes the weights, the
 tokenizer and the chat template, so a query with other weights is rejected instead of producing
 scores against vectors from another model.
+
+A LoRA adapter folder (written by `trimdb warmup`) can be applied on top of the base model. It is
+merged into the base weights after loading, so the forward code sees a plain causal LM. The
+identity then carries the adapter's path and a hash of its files as well.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,8 +29,13 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 # Identity fields that must agree between the index and a query; the rest is informational.
-IDENTITY_KEYS = ("weights_sha256", "tokenizer_sha256", "chat_template_sha256", "dtype", "hidden_size")
+IDENTITY_KEYS = (
+    "weights_sha256", "adapter_sha256", "tokenizer_sha256", "chat_template_sha256", "dtype", "hidden_size",
+)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# peft writes the adapter's settings to this file; trimdb warmup writes its run record beside it.
+ADAPTER_CONFIG = "adapter_config.json"
+WARMUP_RECORD = "trimdb-warmup.json"
 
 
 @dataclass
@@ -38,6 +48,8 @@ class LoadedModel:
     path: str
     weights_sha256: str
     dtype: str
+    adapter: str | None = None
+    adapter_sha256: str | None = None
 
     @property
     def pad_id(self) -> int:
@@ -54,6 +66,8 @@ class LoadedModel:
             "path": self.path,
             "architecture": type(self.model).__name__,
             "weights_sha256": self.weights_sha256,
+            "adapter": self.adapter,
+            "adapter_sha256": self.adapter_sha256,
             "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
             "chat_template_sha256": chat_template_sha256,
             "dtype": self.dtype,
@@ -69,8 +83,13 @@ class LoadedModel:
             self.model.set_attn_implementation(implementation)
 
 
-def load_model(spec: str | None = None, dtype: str = "float32", device: str | None = None) -> LoadedModel:
-    """Load a model by folder, GGUF file or cached hub id; ``None`` means the embedded default."""
+def load_model(
+    spec: str | None = None, dtype: str = "float32", device: str | None = None, adapter: str | Path | None = None,
+) -> LoadedModel:
+    """Load a model by folder, GGUF file or cached hub id; ``None`` means the embedded default.
+
+    With ``adapter``, the LoRA adapter in that folder is applied and merged into the weights.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file, name = _resolve(spec)
@@ -85,14 +104,71 @@ def load_model(spec: str | None = None, dtype: str = "float32", device: str | No
         )
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {name!r} from {folder}: {error}") from error
-    model.to(device).eval()
     weights = weights_sha256(Path(folder) / gguf_file if gguf_file else Path(folder))
+    adapter_path = adapter_hash = None
+    if adapter is not None:
+        adapter_path = _check_adapter(adapter, name, weights)
+        model = _merge_adapter(model, adapter_path, name)
+        adapter_hash = adapter_sha256(adapter_path)
+    model.to(device).eval()
     count = sum(p.numel() for p in model.parameters())
     log.info(
-        "loaded %s (%.1f M parameters, %s, %s) in %.1f s",
-        name, count / 1e6, dtype, device, time.perf_counter() - started,
+        "loaded %s%s (%.1f M parameters, %s, %s) in %.1f s",
+        name, f" with adapter {adapter_path}" if adapter_path else "", count / 1e6, dtype, device,
+        time.perf_counter() - started,
     )
-    return LoadedModel(model, tokenizer, name, str(folder), weights, dtype)
+    adapter_text = str(adapter_path) if adapter_path else None
+    return LoadedModel(model, tokenizer, name, str(folder), weights, dtype, adapter_text, adapter_hash)
+
+
+def _check_adapter(adapter: str | Path, name: str, weights: str) -> Path:
+    """Return the adapter folder's resolved path after checking it is a peft adapter for these base weights.
+
+    The base check reads the trimdb-warmup.json record; a folder without one is checked by peft alone.
+    """
+    path = Path(adapter).expanduser().resolve()
+    if not path.is_dir():
+        raise ModelError(f"adapter folder {path} not found; pass the --out folder of a trimdb warmup run")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise ModelError(
+            f"adapter folder {path} has no {ADAPTER_CONFIG}, so it is not a peft adapter; pass the --out folder "
+            "of a trimdb warmup run"
+        )
+    record_path = path / WARMUP_RECORD
+    if not record_path.is_file():
+        return path
+    try:
+        base = json.loads(record_path.read_text(encoding="utf-8")).get("base_model", {})
+    except (ValueError, AttributeError) as error:
+        raise ModelError(f"invalid warmup record {record_path}: {error}; train the adapter again") from error
+    if base.get("weights_sha256") not in (None, weights):
+        raise ModelError(
+            f"adapter {path} was trained on model {base.get('name')!r} ({base.get('path')}, weights sha256 "
+            f"{base['weights_sha256'][:12]}) but the model to load is {name!r} (weights sha256 {weights[:12]}); "
+            "pass --model with the adapter's base model, or train an adapter for this model with trimdb warmup"
+        )
+    return path
+
+
+def _merge_adapter(model: torch.nn.Module, path: Path, name: str) -> torch.nn.Module:
+    """Apply the LoRA adapter in ``path`` to ``model`` and merge it into the weights."""
+    from peft import PeftModel
+    from peft.utils import load_peft_weights
+
+    hint = "the adapter was trained for another base model; pass --model with that model"
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise ModelError(f"cannot apply adapter {path} to model {name!r}: {reason}. Probably {hint}") from error
+    # peft warns about missing adapter tensors and ignores unexpected ones, so both are counted here.
+    n_stored = len(load_peft_weights(str(path), device="cpu"))
+    n_applied = sum(1 for key in peft_model.state_dict() if ".lora_" in key)
+    if n_stored != n_applied:
+        raise ModelError(
+            f"adapter {path} has {n_stored} LoRA tensors but model {name!r} takes {n_applied} of that kind; {hint}"
+        )
+    return peft_model.merge_and_unload()
 
 
 def _resolve(spec: str | None) -> tuple[str, str | None, str]:
@@ -131,6 +207,11 @@ def weights_sha256(path: Path) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:
         raise ModelError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
+    return _hash_files(files)
+
+
+def _hash_files(files: list[Path]) -> str:
+    """Hash the names and contents of ``files`` in the given order."""
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())
@@ -138,6 +219,14 @@ def weights_sha256(path: Path) -> str:
             while chunk := handle.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def adapter_sha256(path: Path) -> str:
+    """Hash an adapter folder's weight files and its adapter_config.json, in name order."""
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == ADAPTER_CONFIG)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise ModelError(f"adapter folder {path} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    return _hash_files(files)
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -153,7 +242,13 @@ def check_identity(stored: dict, current: dict) -> None:
     if differences:
         details = "; ".join(f"{key}: index {stored.get(key)!r}, query {current.get(key)!r}" for key in differences)
         raise ModelMismatchError(
-            f"the index was built with model {stored.get('name')!r} ({stored.get('path')}) but this query uses "
-            f"{current.get('name')!r} ({current.get('path')}); they differ in {details}. Query with the index's "
-            "model (omit --model to use it) or build a new index with this model"
+            f"the index was built with {_describe(stored)} but this query uses {_describe(current)}; they differ "
+            f"in {details}. Query with the index's model and adapter (omit --model and --adapter to use both) "
+            "or build a new index with this model"
         )
+
+
+def _describe(identity: dict) -> str:
+    adapter = identity.get("adapter")
+    text = f"model {identity.get('name')!r} ({identity.get('path')})"
+    return text + (f" with adapter {adapter}" if adapter else " without an adapter")

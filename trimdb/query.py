@@ -7,7 +7,8 @@ Stages, in order:
 4. one streaming pass over the stored vector segments scores every task at once;
 5. rank, select the budget, and write fingerprints, scores and selections in one transaction.
 
-No forward pass runs over the pool: its token states were stored by `trimdb index`.
+No forward pass runs over the pool: its token states were stored by `trimdb index`. The baseline
+methods (random, bm25, embedding; trimdb.baselines) replace stages 1 to 4 and share stage 5.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from trimdb.ann import candidate_samples, unit_mean
+from trimdb.baselines import BaselinePool, read_targets, score_baseline
 from trimdb.errors import InputError, RenderError, SettingsError, StorageError
 from trimdb.fingerprints import Fingerprints, build_fingerprints
 from trimdb.forward import encode
@@ -35,13 +38,17 @@ from trimdb.scoring import SampleAccumulator, SampleScores, rank_samples, score_
 from trimdb.selection import (
     CombinedPick, Deduplicator, Removal, combine_rankings, parse_split, select_ranked, split_budget,
 )
-from trimdb.settings import IndexSettings, ScoreSettings, SelectionSettings, budget_size, parse_budget
+from trimdb.settings import METHODS, IndexSettings, ScoreSettings, SelectionSettings, budget_size, parse_budget
 from trimdb.store import Store
 
 log = logging.getLogger(__name__)
 
 # Token vectors scored per chunk: 65,536 x 576 float32 is 150 MB, a bound on scan memory.
 SCAN_CHUNK = 65_536
+# --approximate without --candidates takes, per target sample, twice the budget's sample count of
+# nearest summaries (at least 100); the recall this gives is measured in benchmarks/results/perf.md.
+AUTO_CANDIDATE_FACTOR = 2
+AUTO_MIN_CANDIDATES = 100
 SCOPE_PARTS = {"all": (PROMPT, RESPONSE), "response": (RESPONSE,), "prompt": (PROMPT,)}
 
 
@@ -56,6 +63,8 @@ class TaskResult:
     fingerprints: Fingerprints
     n_scored: int = 0
     n_selected: int = 0
+    # One summary per target sample (unit mean of its content token states), for --approximate.
+    summaries: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -75,15 +84,20 @@ def query_tasks(
     settings: ScoreSettings = ScoreSettings(),
     selection: SelectionSettings = SelectionSettings(),
     where: str | None = None,
+    candidates: int | str | None = None,
     model: str | None = None,
     format: str | None = None,
     progress: bool = True,
     arguments: dict | None = None,
+    method: str = "trim",
+    adapter: str | Path | None = None,
+    seed: int = 0,
 ) -> QueryResult:
     """Score every indexed sample for each task and store the ranked selections.
 
     Each task gets its own coreset of the full budget; the run's combined coreset splits the
-    budget over the tasks (see trimdb.selection).
+    budget over the tasks (see trimdb.selection). With ``candidates``, only the samples nearest to
+    the target samples in the sample-summary index (trimdb.ann) are scored, each one exactly.
     """
     settings.validate()
     selection.validate()
@@ -92,20 +106,29 @@ def query_tasks(
     parsed_budget = parse_budget(budget)
     if not tasks:
         raise SettingsError("no target task given; pass --task NAME=FILE")
+    _check_method(method, candidates, seed)
     started = time.perf_counter()
     with Store(db_path) as store:
         catalog = check_index_ready(store)
-        index_settings = IndexSettings.from_dict(catalog["index_settings"])
-        loaded = load_model(model or _stored_model_path(catalog), dtype=index_settings.dtype)
-        renderer = Renderer(loaded.tokenizer, max_length=index_settings.max_length,
-                            plain_template=index_settings.plain_template or None)
-        check_identity(catalog["model"], loaded.identity(renderer.template_sha256))
+        if method != "trim":
+            run_id, results = _query_baseline(store, catalog, tasks, parsed_budget, method, seed, settings, selection,
+                                              where, model, format, progress, arguments)
+            return QueryResult(run_id, results, time.perf_counter() - started)
+        loaded, renderer = _load_index_model(catalog, model, adapter)
 
         loaded.use_attention("eager")
         results = [_fingerprint_task(name, Path(path), loaded, renderer, settings, format) for name, path in tasks.items()]
-        scores, sample_keys, sample_ids = _scan(store, results, settings, where, progress)
-        selections = _select(store, results, scores, sample_keys, sample_ids, parsed_budget, selection)
-        run_settings = settings.to_dict() | selection.to_dict() | {"budget": list(parsed_budget), "where": where}
+        if candidates == "auto":
+            n_samples = int(store.query("SELECT count(*) FROM samples").fetchall()[0][0])
+            candidates = max(AUTO_MIN_CANDIDATES, AUTO_CANDIDATE_FACTOR * budget_size(parsed_budget, n_samples))
+        if candidates is None:
+            scores, sample_keys, sample_ids = _scan(store, results, settings, where, progress)
+        else:
+            scores, sample_keys, sample_ids = _scan_candidates(store, results, settings, where, candidates)
+        pool_size = int(_allowed_samples(store, sample_keys, where).sum()) if candidates is not None else None
+        selections = _select(store, results, scores, sample_keys, sample_ids, parsed_budget, selection, pool_size)
+        run_settings = settings.to_dict() | selection.to_dict() | {
+            "method": method, "budget": list(parsed_budget), "where": where, "candidates": candidates}
         run_id = _write(store, results, scores, sample_keys, selections, run_settings, loaded, arguments or {})
     return QueryResult(run_id, results, time.perf_counter() - started)
 
@@ -118,6 +141,65 @@ def _stored_model_path(catalog: dict) -> str:
             f"({catalog['model']['name']}), it is checked by hash"
         )
     return path
+
+
+def _stored_adapter_path(catalog: dict, model: str | None, adapter: str | Path | None) -> str | Path | None:
+    """Return ``adapter``, or the index's adapter when neither a model nor an adapter is given."""
+    if adapter is not None or model is not None:
+        return adapter
+    path = catalog["model"].get("adapter")
+    if path and not Path(path).exists():
+        raise StorageError(
+            f"the index's adapter folder {path} no longer exists; pass --model and --adapter with the same model "
+            "and adapter, they are checked by hash"
+        )
+    return path
+
+
+def _load_index_model(catalog: dict, model: str | None, adapter: str | Path | None = None):
+    """Load the query's model and adapter (default: the index's) and check them against the index's identity."""
+    index_settings = IndexSettings.from_dict(catalog["index_settings"])
+    loaded = load_model(model or _stored_model_path(catalog), dtype=index_settings.dtype,
+                        adapter=_stored_adapter_path(catalog, model, adapter))
+    renderer = Renderer(loaded.tokenizer, max_length=index_settings.max_length,
+                        plain_template=index_settings.plain_template or None)
+    check_identity(catalog["model"], loaded.identity(renderer.template_sha256))
+    return loaded, renderer
+
+
+def _check_method(method: str, candidates, seed: int) -> None:
+    if method not in METHODS:
+        raise SettingsError(f"unknown selection method {method!r}: expected one of {', '.join(METHODS)}")
+    if method != "trim" and candidates is not None:
+        raise SettingsError(f"--approximate scores TRIM candidates only; drop it for --method {method}")
+    if seed < 0:
+        raise SettingsError(f"the random seed must be a non-negative integer, got {seed}")
+
+
+def _query_baseline(store, catalog, tasks, budget, method, seed, settings: ScoreSettings,
+                    selection: SelectionSettings, where, model, format, progress, arguments) -> tuple[int, list]:
+    """Score the tasks with a baseline method (trimdb.baselines), then select and write as for TRIM.
+
+    The model is loaded for the embedding method only. Baseline runs store no fingerprints.
+    """
+    samples = store.query("SELECT sample_key, sample_id FROM samples ORDER BY sample_key").fetchnumpy()
+    sample_keys = np.asarray(samples["sample_key"], dtype=np.int64)
+    sample_ids = np.asarray(samples["sample_id"], dtype=object)
+    targets = {name: read_targets(name, path, format) for name, path in tasks.items()}
+    encoder = _load_index_model(catalog, model) if method == "embedding" else None
+    pool = BaselinePool(store, sample_keys, _allowed_samples(store, sample_keys, where), SCOPE_PARTS[settings.scope])
+    scored = score_baseline(method, pool, targets, seed=seed, encoder=encoder, progress=progress)
+
+    no_fingerprints = build_fingerprints([], [], [])
+    results = [TaskResult(name, str(tasks[name]), len(targets[name]), scored[name].n_target_tokens, no_fingerprints)
+               for name in tasks]
+    scores = [scored[name].scores for name in tasks]
+    selections = _select(store, results, scores, sample_keys, sample_ids, budget, selection)
+    run_settings = settings.to_dict() | selection.to_dict() | {"method": method, "budget": list(budget), "where": where}
+    if method == "random":
+        run_settings["seed"] = seed
+    run_id = _write(store, results, scores, sample_keys, selections, run_settings, None, arguments or {})
+    return run_id, results
 
 
 def _fingerprint_task(name, path, loaded, renderer, settings: ScoreSettings, format) -> TaskResult:
@@ -134,7 +216,7 @@ def _fingerprint_task(name, path, loaded, renderer, settings: ScoreSettings, for
         parts.append(np.asarray(rendered.parts, dtype=np.int8))
 
     allowed = SCOPE_PARTS[settings.scope]
-    classes, hidden, saliency = [], [], []
+    classes, hidden, saliency, summaries = [], [], [], []
     for index, states in encode(loaded.model, sequences, batch_tokens=max(map(len, sequences)) * 4,
                                 pad_id=loaded.pad_id, saliency=settings.saliency):
         in_scope = np.isin(parts[index], allowed)
@@ -144,13 +226,15 @@ def _fingerprint_task(name, path, loaded, renderer, settings: ScoreSettings, for
         classes.append(np.asarray(sequences[index], dtype=np.int64)[keep])
         hidden.append(states.hidden[keep])
         saliency.append(weights[keep])
+        content = np.flatnonzero(parts[index] != TEMPLATE)
+        summaries.append(unit_mean(states.hidden[content[content > 0]]))
     fingerprints = build_fingerprints(classes, hidden, saliency)
     if len(fingerprints) == 0:
         raise InputError(str(path), None, None, f"no target token is in scope {settings.scope!r}",
                          "use --scope all, or targets with content in that part")
     n_tokens = int(sum(len(c) for c in classes))
     log.info("task %s: %d targets, %d in-scope tokens, %d fingerprints", name, len(samples), n_tokens, len(fingerprints))
-    return TaskResult(name, str(path), len(samples), n_tokens, fingerprints)
+    return TaskResult(name, str(path), len(samples), n_tokens, fingerprints, summaries=summaries)
 
 
 def _scan(store: Store, results: list[TaskResult], settings: ScoreSettings, where: str | None, progress: bool):
@@ -183,6 +267,41 @@ def _scan(store: Store, results: list[TaskResult], settings: ScoreSettings, wher
                 accumulators[task_index].add(slots[keep], token_scores, unseen)
             bar.update(len(ids))
     bar.close()
+    scores = [a.finish(settings.mean_weight, settings.max_weight) for a in accumulators]
+    return scores, sample_keys, sample_ids
+
+
+def _scan_candidates(store: Store, results: list[TaskResult], settings: ScoreSettings, where, n_candidates: int):
+    """Score exactly only the samples that the sample-summary index puts near some target sample."""
+    samples = store.query("SELECT sample_key, sample_id FROM samples ORDER BY sample_key").fetchnumpy()
+    sample_keys = np.asarray(samples["sample_key"], dtype=np.int64)
+    sample_ids = np.asarray(samples["sample_id"], dtype=object)
+    summaries = [summary for result in results for summary in result.summaries]
+    keys = candidate_samples(store, summaries, n_candidates)
+    keys = keys[_allowed_samples(store, sample_keys, where)[np.searchsorted(sample_keys, keys)]]
+    stacked = np.concatenate([r.fingerprints.vectors for r in results])  # (sum F, D)
+    bounds = np.cumsum([0] + [len(r.fingerprints) for r in results])
+    accumulators = [SampleAccumulator(len(sample_keys)) for _ in results]
+    scope = SCOPE_PARTS[settings.scope]
+
+    store.raw.register("_trimdb_candidates", pa.table({"sample_key": pa.array(keys, pa.int64())}))
+    try:
+        spans = store.query(
+            "SELECT sample_key, min(token_key), count(*), list(token_class ORDER BY token_key), "
+            "list(part ORDER BY token_key) FROM tokens WHERE sample_key IN (SELECT sample_key FROM _trimdb_candidates) "
+            "GROUP BY sample_key ORDER BY sample_key").fetchall()
+    finally:
+        store.raw.unregister("_trimdb_candidates")
+    for sample_key, first_key, count, classes, parts in spans:
+        vectors = store.read_token_range(first_key, count)
+        keep = np.isin(np.asarray(parts), scope)
+        similarities = vectors[keep] @ stacked.T
+        slots = np.full(int(keep.sum()), np.searchsorted(sample_keys, sample_key))
+        for task_index, result in enumerate(results):
+            part = similarities[:, bounds[task_index]:bounds[task_index + 1]]
+            token_scores, unseen = score_tokens(vectors[keep], np.asarray(classes)[keep], result.fingerprints,
+                                                settings.unseen_penalty, similarities=part)
+            accumulators[task_index].add(slots, token_scores, unseen)
     scores = [a.finish(settings.mean_weight, settings.max_weight) for a in accumulators]
     return scores, sample_keys, sample_ids
 
@@ -227,18 +346,26 @@ class _Selections:
     combined: list[CombinedPick]
 
 
-def _select(store, results, scores, sample_keys, sample_ids, budget, selection: SelectionSettings) -> _Selections:
+def _select(store, results, scores, sample_keys, sample_ids, budget, selection: SelectionSettings,
+            pool_size: int | None = None) -> _Selections:
+    """Rank and select each task and the combined coreset.
+
+    A fractional budget is a share of ``pool_size`` (the samples that --where keeps) when given,
+    else of the scored samples; the approximate path scores only candidates, so it passes it.
+    """
     orders = [rank_samples(task_scores.score, sample_ids) for task_scores in scores]
     deduplicator = _deduplicator_factory(store, sample_keys, selection)
     chosen, removed = [], []
     for result, order in zip(results, orders):
-        picks, dropped = select_ranked(order, budget_size(budget, len(order)), deduplicator())
+        quota = min(len(order), budget_size(budget, pool_size or len(order)))
+        picks, dropped = select_ranked(order, quota, deduplicator())
         chosen.append(picks)
         removed += [(result.task, removal) for removal in dropped]
         result.n_scored, result.n_selected = len(order), len(picks)
 
     n_scored = len(np.unique(np.concatenate(orders))) if orders else 0
-    quotas = split_budget(budget_size(budget, n_scored), selection.split,
+    total = min(n_scored, budget_size(budget, pool_size or n_scored))
+    quotas = split_budget(total, selection.split,
                           {result.task: result.n_targets for result in results})
     rankings = {result.task: order for result, order in zip(results, orders)}
     combined, dropped = combine_rankings(rankings, quotas, deduplicator())
@@ -286,7 +413,8 @@ def _write(store, results, scores: list[SampleScores], sample_keys, selections: 
                 "rank": pa.array(np.arange(1, len(picks) + 1), pa.int32()),
                 "sample_key": pa.array(sample_keys[picks], pa.int64()),
             }))
-            _write_fingerprints(store, connection, run_id, result, loaded.tokenizer)
+            if len(result.fingerprints):
+                _write_fingerprints(store, connection, run_id, result, loaded.tokenizer)
             connection.execute(
                 "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [run_id, result.task, result.target_path, result.n_targets, result.n_target_tokens,

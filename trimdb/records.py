@@ -243,8 +243,41 @@ def _read_file(path: Path, options: _ReadOptions) -> Iterator[Sample]:
 
 def _to_sample(record: dict, record_format: str, path: Path, line: int, options: _ReadOptions) -> Sample:
     messages = to_messages(record, record_format, path=path, line=line)
+    _check_unicode(record, path, line)
     source = options.source or _column_source(record, options.source_column, path, line) or _stem(path)
     return Sample(messages, source, str(path), line, record)
+
+
+def _check_unicode(record: dict, path: Path, line: int) -> None:
+    """Raise InputError naming a key or string with a lone surrogate, which UTF-8 cannot store.
+
+    JSON allows such escapes (a lone \\ud800), but the stored record must be valid UTF-8.
+    """
+    stack: list[tuple[str, Any]] = [("", record)]  # iterative, so deep nesting cannot overflow
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{_escaped(key)}" if where else _escaped(key)
+                _check_text(str(key), name, path, line)
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, where, path, line)
+
+
+def _check_text(text: str, where: str, path: Path, line: int) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(path, line, where, f"invalid Unicode: lone surrogate at character {error.start}",
+                         "a \\uD800-\\uDFFF escape must be half of a surrogate pair") from error
+
+
+def _escaped(key: Any) -> str:
+    """Return a key as text that UTF-8 can store, with any lone surrogate as a backslash escape."""
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _column_source(record: dict, column: str | None, path: Path, line: int) -> str | None:

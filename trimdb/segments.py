@@ -1,7 +1,7 @@
 """Commit one indexed segment: its vector file, then its rows, in one DuckDB transaction.
 
 A segment is the unit of durability. Its vector file is written under a temporary name and
-renamed; the rows that reference it (samples, tokens, the segment row, and for a run's first
+renamed. The rows that reference it (samples, tokens, the segment row, and for a run's first
 segment the run row and the catalog) are committed afterwards in one transaction. A crash
 loses at most the segment being written, and the file it leaves behind is unreferenced, so the
 next writing run deletes it.
@@ -33,7 +33,7 @@ class PendingSample:
 def commit_segment(store: Store, pending: list[PendingSample], run: dict, codec: str) -> int:
     """Write the vectors of ``pending`` as a new segment and commit their rows; return the token count.
 
-    ``run`` holds run_id, arguments, settings and identity; the run row and the catalog are
+    ``run`` contains run_id, arguments, settings and identity. The run row and the catalog are
     written with the run's first segment, so a run that fails before it leaves no trace.
     """
     first_sample_key = store.next_id("samples", "sample_key")

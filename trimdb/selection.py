@@ -87,9 +87,9 @@ class Removal:
 
 @dataclass
 class Deduplicator:
-    """Remembers kept samples and tells whether a candidate duplicates one of them.
+    """Record of the samples kept so far, which checks whether a candidate duplicates one of them.
 
-    ``text_hashes`` holds one normalized text hash per sample slot (None when unknown).
+    ``text_hashes`` contains one normalized text hash per sample slot (None when unknown).
     ``embedding`` returns the unit mean-pooled vector of a slot; it is needed only when
     ``near_threshold`` is set.
     """

@@ -131,7 +131,7 @@ class Store:
         return {key: json.loads(value) for key, value in rows}
 
     def next_id(self, table: str, column: str) -> int:
-        return int(self.query(f"SELECT coalesce(max({column}), 0) + 1 FROM {table}").fetchone()[0])
+        return int(self.query(f"SELECT coalesce(max({column}), 0) + 1 FROM {table}").fetchall()[0][0])
 
     def start_run(self, connection, kind: str, arguments: dict, settings: dict) -> int:
         run_id = self.next_id("runs", "run_id")
@@ -243,6 +243,9 @@ class Store:
         known = {segment.file for segment in self.segments()}
         if known:
             known.add(CODEC_FILE)
+        ann = self.catalog().get("ann")
+        if ann is not None:
+            known.add(ann["file"])
         for path in self.vectors_dir.iterdir():
             if path.name not in known:
                 log.warning("removing %s: no committed run references it", path)
