@@ -48,10 +48,10 @@ def _register() -> None:
     from cli.index_command import index
     from cli.info_command import info
     from cli.query_command import query
-    from cli.sql_command import ann, compact, export, migrate, sql
+    from cli.sql_command import ann, compact, export, merge, migrate, sql
     from cli.warmup_command import warmup
 
-    for command in (warmup, index, query, sql, export, migrate, compact, ann, info, explain, report):
+    for command in (warmup, index, query, sql, export, migrate, compact, merge, ann, info, explain, report):
         cli.add_command(command)
 
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from cli.options import db_option
 from trimdb.ann import build_ann
 from trimdb.compact import compact_index
+from trimdb.merge import merge_index
 from trimdb.export import EXPORT_SUFFIXES, export_coreset, run_sql
 from trimdb.store import Store
 
@@ -115,3 +116,21 @@ def ann(db, lists):
     summary = build_ann(db, lists)
     click.echo(f"indexed {summary.n_samples} sample summaries ({summary.n_lists or 'exact search, no'} IVF lists, "
                f"{summary.bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s")
+
+
+@click.command()
+@db_option
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def merge(db, sources):
+    """Copy the samples of SOURCES (indexes built elsewhere) into --db.
+
+    Every source must come from the same model and index settings. Samples --db already contains
+    are skipped; token vectors keep their stored codes. --db is created when missing.
+
+    \b
+    trimdb merge --db pool.duckdb shard-1.duckdb shard-2.duckdb
+    """
+    for source in sources:
+        summary = merge_index(db, source)
+        click.echo(f"{source}: merged {summary.n_samples} samples ({summary.n_tokens} tokens) in "
+                   f"{summary.n_segments} segments; {summary.n_already_present} were already in {db}")

@@ -33,7 +33,7 @@ TRIMDB = [sys.executable, "-c", "from cli.main import main; main()"]
 ENV = os.environ | {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
 # Samples in the pool that `trimdb index` writes while other commands try to open the database.
 # With one CPU thread the tiny model needs about 6 s for their forward passes (2 CPU cores). The
-# competing commands are imported before they start, and finish about 2 s after it.
+# competing commands start with their imports done and finish within about 2 s (an estimate).
 CONTENDED_POOL_SIZE = 600
 WORDS = "the quick brown fox jumps over lazy dog add solve multiply sea blue sky number list python".split()
 DEADLINE_S = 120

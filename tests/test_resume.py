@@ -172,3 +172,45 @@ def test_index_rejects_full_disk(tmp_path, tiny_model_dir, reference, monkeypatc
     assert "not enough disk space" in result.output
     assert "GB are free" in result.output
     assert not db.exists()
+
+
+def test_merge_shards_equals_single_index(tmp_path, tiny_model_dir, reference):
+    pool, expected = reference
+    lines = pool.read_text().splitlines()
+    # Two shards that overlap in 10 samples, indexed separately as on two machines.
+    shard_a = tmp_path / "a.jsonl"
+    shard_b = tmp_path / "b.jsonl"
+    shard_a.write_text("\n".join(lines[:55]) + "\n")
+    shard_b.write_text("\n".join(lines[45:]) + "\n")
+    runner = CliRunner()
+    for shard in (shard_a, shard_b):
+        result = runner.invoke(cli, index_command(tmp_path / f"{shard.stem}.duckdb", tiny_model_dir, shard))
+        assert result.exit_code == 0, result.output
+
+    merged = tmp_path / "merged.duckdb"
+    result = runner.invoke(cli, ["merge", "--db", str(merged), str(tmp_path / "a.duckdb"), str(tmp_path / "b.duckdb")])
+    assert result.exit_code == 0, result.output
+    assert "10 were already in" in result.output
+    state = index_state(merged)
+    assert set(state) == set(expected)
+    for sample_id, (classes, parts, positions, vectors) in state.items():
+        assert classes == expected[sample_id][0]
+        assert positions == expected[sample_id][2]
+        np.testing.assert_allclose(vectors, expected[sample_id][3], atol=1e-5)
+
+    again = runner.invoke(cli, ["merge", "--db", str(merged), str(tmp_path / "b.duckdb")])
+    assert again.exit_code == 0, again.output
+    assert "merged 0 samples" in again.output
+
+
+def test_merge_rejects_other_model(tmp_path, tiny_model_dir, reference):
+    from tests.tiny import save_tiny_model
+
+    pool, _ = reference
+    other_model = save_tiny_model(tmp_path / "other", seed=1)
+    runner = CliRunner()
+    assert runner.invoke(cli, index_command(tmp_path / "a.duckdb", tiny_model_dir, pool)).exit_code == 0
+    assert runner.invoke(cli, index_command(tmp_path / "b.duckdb", other_model, pool)).exit_code == 0
+    result = runner.invoke(cli, ["merge", "--db", str(tmp_path / "a.duckdb"), str(tmp_path / "b.duckdb")])
+    assert result.exit_code == 1
+    assert "weights_sha256" in result.output
