@@ -67,10 +67,12 @@ def parse_dedup(ctx, param, values) -> tuple[str, ...]:
                    "sample count, at least 100.")
 @click.option("--method", type=click.Choice(METHODS), default="trim", show_default=True,
               help="Selection method: trim, or a baseline that writes the same tables: random (seeded uniform "
-                   "scores), bm25 (lexical, max over target samples) or embedding (cosine of mean hidden states, "
-                   "max over target samples).")
+                   "scores), bm25 (lexical, max over target samples), embedding (cosine of mean hidden states, "
+                   "max over target samples) or less (cosine of projected LoRA gradients, max over target "
+                   "samples; runs a forward and a backward pass over every pool sample).")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
-              help="Seed of --method random. Default: 0.")
+              help="Seed of --method random, or of the LoRA and the random projection of --method less. "
+                   "Default: 0.")
 @model_option
 @adapter_option
 @format_option
@@ -100,8 +102,8 @@ def query(db, tasks, budget, split, dedup, near_threshold, where, exact, candida
         near_dedup_threshold=near_threshold if "near" in dedup else None,
     )
     arguments = {"tasks": tasks, "budget": budget, "model": model, "adapter": adapter, "format": record_format, "method": method}
-    if seed is not None and method != "random":
-        raise click.UsageError("--seed applies only with --method random")
+    if seed is not None and method not in ("random", "less"):
+        raise click.UsageError("--seed applies only with --method random or less")
     if exact and candidates is not None:
         raise click.UsageError("--candidates applies only with --approximate")
     approximate = None if exact else (candidates or "auto")

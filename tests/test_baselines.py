@@ -23,7 +23,7 @@ from trimdb.store import Store
 
 TINY_INDEX = IndexSettings(max_length=128, batch_tokens=256, saliency=SaliencySettings(layers=2))
 BASELINES = ["random", "bm25", "embedding"]
-# The pool holds one target sample verbatim and one case-and-space variant of a pool sample.
+# The pool contains one target sample verbatim and one case-and-space variant of a pool sample.
 IDENTICAL = TARGETS[1]
 DUPLICATE = ("what is the capital of FRANCE?", "The capital of  France is Paris.")
 N_POOL = len(POOL) + 2

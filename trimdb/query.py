@@ -8,7 +8,9 @@ Stages, in order:
 5. rank, select the budget, and write fingerprints, scores and selections in one transaction.
 
 No forward pass runs over the pool: its token states were stored by `trimdb index`. The baseline
-methods (random, bm25, embedding; trimdb.baselines) replace stages 1 to 4 and share stage 5.
+methods (random, bm25, embedding in trimdb.baselines, and less in trimdb.less) replace stages 1 to 4
+and share stage 5. Of these, only less runs the model over the pool, a forward and a backward pass
+per sample.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import torch
 from tqdm.auto import tqdm
 
 from trimdb.ann import candidate_samples, unit_mean
@@ -30,6 +33,7 @@ from trimdb.errors import InputError, RenderError, SettingsError, StorageError
 from trimdb.fingerprints import Fingerprints, build_fingerprints
 from trimdb.forward import encode
 from trimdb.indexing import check_index_ready
+from trimdb.less import score_less
 from trimdb.models import check_identity, load_model
 from trimdb.records import read_corpus
 from trimdb.render import PROMPT, RESPONSE, TEMPLATE, Renderer
@@ -49,6 +53,8 @@ SCAN_CHUNK = 65_536
 # nearest summaries (at least 100); the recall this gives is measured in benchmarks/results/perf.md.
 AUTO_CANDIDATE_FACTOR = 2
 AUTO_MIN_CANDIDATES = 100
+# Below this many token vectors per chunk, copying to the GPU costs more than the product saves.
+GPU_MIN_ROWS = 4096
 SCOPE_PARTS = {"all": (PROMPT, RESPONSE), "response": (RESPONSE,), "prompt": (PROMPT,)}
 
 
@@ -112,7 +118,7 @@ def query_tasks(
         catalog = check_index_ready(store)
         if method != "trim":
             run_id, results = _query_baseline(store, catalog, tasks, parsed_budget, method, seed, settings, selection,
-                                              where, model, format, progress, arguments)
+                                              where, model, adapter, format, progress, arguments)
             return QueryResult(run_id, results, time.perf_counter() - started)
         loaded, renderer = _load_index_model(catalog, model, adapter)
 
@@ -177,18 +183,23 @@ def _check_method(method: str, candidates, seed: int) -> None:
 
 
 def _query_baseline(store, catalog, tasks, budget, method, seed, settings: ScoreSettings,
-                    selection: SelectionSettings, where, model, format, progress, arguments) -> tuple[int, list]:
+                    selection: SelectionSettings, where, model, adapter, format, progress,
+                    arguments) -> tuple[int, list]:
     """Score the tasks with a baseline method (trimdb.baselines), then select and write as for TRIM.
 
-    The model is loaded for the embedding method only. Baseline runs store no fingerprints.
+    The model is loaded for the embedding and less methods only. Baseline runs store no fingerprints.
     """
     samples = store.query("SELECT sample_key, sample_id FROM samples ORDER BY sample_key").fetchnumpy()
     sample_keys = np.asarray(samples["sample_key"], dtype=np.int64)
     sample_ids = np.asarray(samples["sample_id"], dtype=object)
     targets = {name: read_targets(name, path, format) for name, path in tasks.items()}
-    encoder = _load_index_model(catalog, model) if method == "embedding" else None
+    encoder = _load_index_model(catalog, model, adapter) if method in ("embedding", "less") else None
     pool = BaselinePool(store, sample_keys, _allowed_samples(store, sample_keys, where), SCOPE_PARTS[settings.scope])
-    scored = score_baseline(method, pool, targets, seed=seed, encoder=encoder, progress=progress)
+    cost = None
+    if method == "less":
+        scored, cost = score_less(pool, targets, encoder, seed=seed, progress=progress)
+    else:
+        scored = score_baseline(method, pool, targets, seed=seed, encoder=encoder, progress=progress)
 
     no_fingerprints = build_fingerprints([], [], [])
     results = [TaskResult(name, str(tasks[name]), len(targets[name]), scored[name].n_target_tokens, no_fingerprints)
@@ -198,7 +209,9 @@ def _query_baseline(store, catalog, tasks, budget, method, seed, settings: Score
     run_settings = settings.to_dict() | selection.to_dict() | {"method": method, "budget": list(budget), "where": where}
     if method == "random":
         run_settings["seed"] = seed
-    run_id = _write(store, results, scores, sample_keys, selections, run_settings, None, arguments or {})
+    if method == "less":
+        run_settings |= {key: cost[key] for key in ("seed", "projection_dim", "lora_rank")}
+    run_id = _write(store, results, scores, sample_keys, selections, run_settings, None, arguments or {}, cost)
     return run_id, results
 
 
@@ -259,7 +272,7 @@ def _scan(store: Store, results: list[TaskResult], settings: ScoreSettings, wher
             tokens = _token_rows(store, ids)
             slots = np.searchsorted(sample_keys, tokens["sample_key"])
             keep = np.isin(tokens["part"], scope) & allowed[slots]
-            similarities = vectors[keep] @ stacked.T  # (kept tokens, sum F)
+            similarities = token_similarities(vectors[keep], stacked)  # (kept tokens, sum F)
             for task_index, result in enumerate(results):
                 part = similarities[:, bounds[task_index]:bounds[task_index + 1]]
                 token_scores, unseen = score_tokens(vectors[keep], tokens["token_class"][keep], result.fingerprints,
@@ -295,7 +308,7 @@ def _scan_candidates(store: Store, results: list[TaskResult], settings: ScoreSet
     for sample_key, first_key, count, classes, parts in spans:
         vectors = store.read_token_range(first_key, count)
         keep = np.isin(np.asarray(parts), scope)
-        similarities = vectors[keep] @ stacked.T
+        similarities = token_similarities(vectors[keep], stacked)
         slots = np.full(int(keep.sum()), np.searchsorted(sample_keys, sample_key))
         for task_index, result in enumerate(results):
             part = similarities[:, bounds[task_index]:bounds[task_index + 1]]
@@ -304,6 +317,15 @@ def _scan_candidates(store: Store, results: list[TaskResult], settings: ScoreSet
             accumulators[task_index].add(slots, token_scores, unseen)
     scores = [a.finish(settings.mean_weight, settings.max_weight) for a in accumulators]
     return scores, sample_keys, sample_ids
+
+
+def token_similarities(vectors: np.ndarray, fingerprints: np.ndarray) -> np.ndarray:
+    """Return ``vectors @ fingerprints.T`` (n, F): on the GPU when torch sees one, else NumPy's BLAS."""
+    # NOTE: the CUDA branch has not run in CI, which has no GPU; the benchmark's gpu.py exercises it.
+    if torch.cuda.is_available() and len(vectors) >= GPU_MIN_ROWS:
+        product = torch.from_numpy(vectors).cuda() @ torch.from_numpy(fingerprints).cuda().T
+        return product.cpu().numpy()
+    return vectors @ fingerprints.T
 
 
 def _allowed_samples(store: Store, sample_keys: np.ndarray, where: str | None) -> np.ndarray:
@@ -401,7 +423,7 @@ def _deduplicator_factory(store: Store, sample_keys: np.ndarray, selection: Sele
 
 
 def _write(store, results, scores: list[SampleScores], sample_keys, selections: _Selections, run_settings,
-           loaded, arguments) -> int:
+           loaded, arguments, cost: dict | None = None) -> int:
     with store.transaction() as connection:
         run_id = store.start_run(connection, "query", arguments, run_settings)
         for index, (result, task_scores) in enumerate(zip(results, scores)):
@@ -427,6 +449,8 @@ def _write(store, results, scores: list[SampleScores], sample_keys, selections: 
         for reason in ("exact", "near"):
             stats["combined"][f"n_removed_{reason}"] = sum(
                 1 for task, removal in selections.removed if task is None and removal.reason == reason)
+        if cost is not None:
+            stats["cost"] = cost  # seconds and estimated FLOPs of a method that runs the model over the pool
         store.finish_run(connection, run_id, stats)
     return run_id
 

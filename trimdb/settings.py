@@ -17,8 +17,8 @@ from trimdb.errors import SettingsError
 ROW_SALIENCY_FORMS = ("normalized", "inverse")
 SCOPES = ("all", "response", "prompt")
 DTYPES = ("float32", "bfloat16")
-# Selection methods of `trimdb query --method`: TRIM, and the baselines of trimdb.baselines.
-METHODS = ("trim", "random", "bm25", "embedding")
+# Selection methods of `trimdb query --method`: TRIM, the baselines of trimdb.baselines, and less (trimdb.less).
+METHODS = ("trim", "random", "bm25", "embedding", "less")
 
 # The paper's inverse-entropy row saliency adds this constant to avoid dividing by zero.
 INVERSE_EPSILON = 1e-6

@@ -1,7 +1,7 @@
 """`trimdb warmup`: a short LoRA fine-tune of the base model on a random share of the pool.
 
 TRIM reads saliency and hidden states from a model that has seen the pool's format. The warmup
-fine-tunes LoRA adapters on the attention projections over a seeded random share of the pool;
+fine-tunes LoRA adapters on the attention projections over a seeded random share of the pool.
 `trimdb index --adapter` and `trimdb query --adapter` then merge the adapter into the weights.
 
 Stages, in order:
@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -42,7 +43,7 @@ from trimdb.settings import DTYPES
 
 log = logging.getLogger(__name__)
 
-# LoRA targets the attention projections, as in the LESS recipe; Llama-family names.
+# LoRA targets the attention projections, as in the LESS recipe, under their Llama-family names.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 IGNORE_INDEX = -100  # label of tokens that the loss skips (PyTorch cross_entropy's ignore_index)
 # Gradient norm clip: the default max_grad_norm of transformers' Trainer, which LESS trains with.
@@ -67,7 +68,7 @@ class WarmupSettings:
     # Samples are rendered and truncated as by `trimdb index` (prompt tokens go first).
     max_length: int = 512
     # Upper bound on padded tokens per forward batch; bounds activation memory.
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024
     # Forward batches whose gradients add up to one optimizer step.
     accumulation_steps: int = 1
     # Stop after this many optimizer steps, even within an epoch; None runs every epoch.
@@ -113,9 +114,9 @@ class WarmupSettings:
 
 PRESETS = {
     # The LESS warmup recipe (Xia et al., "LESS: Selecting Influential Data for Targeted Instruction
-    # Tuning", arXiv:2402.04333, 2024), from less/scripts/train/base_training_args.sh in
-    # github.com/princeton-nlp/LESS: LoRA rank 128, alpha 512, dropout 0.1 on q/k/v/o_proj, AdamW
-    # at 2e-5 with linear decay after 3% warmup steps, 4 epochs, sequences up to 2048 tokens, bf16.
+    # Tuning", arXiv:2402.04333, 2024), as set in less/scripts/train/base_training_args.sh of
+    # github.com/princeton-nlp/LESS. It trains LoRA rank 128, alpha 512, dropout 0.1 on q/k/v/o_proj
+    # with AdamW at 2e-5, linear decay after 3% warmup steps, 4 epochs, 2048-token sequences, bf16.
     # LESS takes 32 sequences per optimizer step (batch 1, 32 accumulation steps); trimdb batches by
     # padded tokens, and 4 batches of 16,384 tokens hold 32 sequences of 2,048 tokens.
     "less": WarmupSettings(
@@ -123,8 +124,9 @@ PRESETS = {
         max_length=2048, batch_tokens=16384, accumulation_steps=4, dtype="bfloat16",
     ),
     # trimdb's CPU setting for SmolLM2-135M-Instruct: a small adapter, a 10x higher learning rate
-    # for the single epoch, and 512-token samples. The demo pool's 5% (46 samples) trained in
-    # 66 s on 2 CPU cores (torch 2.13).
+    # for the single epoch, and 512-token samples. On the demo pool's 5% (46 samples, 10,294 tokens,
+    # 13 steps) the whole `trimdb warmup` run used 91 s of CPU time on one thread (torch 2.13, a
+    # shared 2-core machine), so it takes about 1 to 1.5 minutes on 2 idle cores (an estimate).
     "cpu": WarmupSettings(),
 }
 
@@ -149,7 +151,7 @@ def resolve_settings(preset: str | None = None, **overrides) -> tuple[str, Warmu
 
 @dataclass
 class WarmupSummary:
-    """What one warmup run trained on, its losses, and where the adapter went."""
+    """Samples, losses and output folder of one warmup run."""
 
     out_dir: Path
     settings: WarmupSettings
@@ -250,7 +252,7 @@ def choose_samples(
                          "pass the corpus files that trimdb index reads")
     count = math.ceil(fraction * len(ids))
     chosen = set(random.Random(seed).sample(ids, count))
-    options["skipped"] = []  # the second pass finds the same bad records again
+    options["skipped"] = []  # the first pass has counted the bad records already
     picked: dict[str, Sample] = {}
     for sample in read_corpus(paths, **options):
         if sample.sample_id in chosen:
@@ -289,7 +291,10 @@ def _lora_model(loaded: LoadedModel, settings: WarmupSettings):
         target_modules=list(TARGET_MODULES), task_type=TaskType.CAUSAL_LM,
     )
     loaded.use_attention("sdpa")  # training needs no attention maps
-    peft_model = get_peft_model(loaded.model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 calls a method that transformers 5 deprecated; the warning concerns neither caller's user.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = get_peft_model(loaded.model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     log.info("LoRA rank %d, alpha %g, dropout %g on %s: %.2f M trainable of %.1f M parameters",
@@ -342,7 +347,7 @@ def _step(peft_model, examples: list[_Example], group: list[list[int]], pad_id: 
     for batch in group:
         loss = _batch_loss(peft_model, [examples[i] for i in batch], pad_id) / len(group)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
     return total
 

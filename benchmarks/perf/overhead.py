@@ -28,7 +28,7 @@ from trimdb.indexing import DEFAULT_SEGMENT_MB, index_corpus
 from trimdb.models import LoadedModel, load_model
 from trimdb.records import read_corpus
 from trimdb.render import TEMPLATE, Renderer
-from trimdb.settings import IndexSettings
+from trimdb.settings import IndexSettings, SaliencySettings
 from benchmarks.perf.timing import record_calls
 
 log = logging.getLogger(__name__)
@@ -145,14 +145,15 @@ def timed_index(label: str, db_path: Path, pool: Path, settings: IndexSettings, 
 
 
 def measure_overhead(pool: Path, work: Path, *, dtype: str, model: str | None = None,
-                     source_column: str | None = "source") -> tuple[OverheadResult, Path]:
+                     source_column: str | None = "source",
+                     saliency: SaliencySettings = SaliencySettings()) -> tuple[OverheadResult, Path]:
     """Time bare forward, index with saliency and index without, interleaved; return the result and
     the database indexed with default settings (saliency stored), which later sections query.
 
     Order: forward, index (saliency), forward, index (no saliency). The lower forward time is the
     reference, so a slow moment during one repetition does not inflate the ratio.
     """
-    settings = IndexSettings(dtype=dtype)
+    settings = IndexSettings(dtype=dtype, saliency=saliency)
     started = time.perf_counter()
     loaded = load_model(model, dtype=dtype)
     load_seconds = time.perf_counter() - started
@@ -166,7 +167,7 @@ def measure_overhead(pool: Path, work: Path, *, dtype: str, model: str | None = 
     result.forward_seconds.append(bare_forward(loaded, rendered, settings.batch_tokens))
     result.index_runs.append(timed_index("saliency stored (default)", saliency_db, pool, settings, source_column, model))
     result.forward_seconds.append(bare_forward(loaded, rendered, settings.batch_tokens))
-    no_saliency = IndexSettings(dtype=dtype, store_saliency=False)
+    no_saliency = IndexSettings(dtype=dtype, saliency=saliency, store_saliency=False)
     result.index_runs.append(timed_index("no saliency", plain_db, pool, no_saliency, source_column, model))
     remove_database(plain_db)
     return result, saliency_db

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trimdb.ann import build_ann
 from trimdb.query import SCAN_CHUNK
 from trimdb.store import Store
 from benchmarks.perf.query_child import timed_query
@@ -86,17 +87,52 @@ def plain_read(db_path: Path, chunk: int = SCAN_CHUNK) -> ScanRead:
     return ScanRead(seconds, n_vectors, stored, n_vectors * dim * 4)
 
 
-def measure_query(db_path: Path, targets: dict[str, Path], task: str, repeats: int = 2,
-                  budget: str = "5%") -> QueryResult:
+def measure_query(db_path: Path, targets: dict[str, Path], task: str, repeats: int = 2, budget: str = "5%",
+                  layers: int | None = None) -> QueryResult:
     """Time ``repeats`` queries of ``task``, a plain read, and one query of every target task."""
     runs = []
     for _ in range(repeats):
-        runs.append(timed_query(str(db_path), {task: str(targets[task])}, budget))
+        runs.append(timed_query(str(db_path), {task: str(targets[task])}, budget, layers=layers))
         log.info("query %s: %.1f s (model load %.1f s, scan %.1f s)", task, runs[-1]["seconds"],
                  runs[-1]["load_seconds"], runs[-1]["scan_seconds"])
     read = plain_read(db_path)
     log.info("plain read of %d vectors: %.2f s", read.n_vectors, read.seconds)
-    both = timed_query(str(db_path), {name: str(path) for name, path in targets.items()}, budget)
+    both = timed_query(str(db_path), {name: str(path) for name, path in targets.items()}, budget, layers=layers)
     log.info("query %s: %.1f s", ", ".join(targets), both["seconds"])
     return QueryResult(task, runs, read, both)
 
+
+
+@dataclass
+class AnnResult:
+    """The approximate path on a real index: build cost, query time, and agreement with the exact scan."""
+
+    build_seconds: float
+    bytes: int
+    n_samples: int
+    query: dict
+    exact_query: dict
+    overlap: dict[str, float]
+
+
+def measure_ann(db_path: Path, targets: dict[str, Path], exact: dict, budget: str = "5%",
+                layers: int | None = None) -> AnnResult:
+    """Build the sample-summary index, run an approximate query of every task (candidates "auto"),
+    and compare its selections with those of the exact run ``exact`` (a timed_query report)."""
+    summary = build_ann(db_path)
+    approximate = timed_query(str(db_path), {name: str(path) for name, path in targets.items()}, budget,
+                              candidates="auto", layers=layers)
+    exact_picks, approximate_picks = _selections(db_path, exact["run_id"]), _selections(db_path, approximate["run_id"])
+    overlap = {task: len(picks & approximate_picks.get(task, set())) / len(picks)
+               for task, picks in exact_picks.items()}
+    log.info("approximate query: %.1f s, overlap with the exact selection %s", approximate["seconds"], overlap)
+    return AnnResult(summary.seconds, summary.bytes, summary.n_samples, approximate, exact, overlap)
+
+
+def _selections(db_path: Path, run_id: int) -> dict[str, set[int]]:
+    with Store(db_path, read_only=True) as store:
+        rows = store.query("SELECT task, sample_key FROM selections WHERE run_id = ?", [run_id]).fetchall()
+    picks: dict[str, set[int]] = {}
+    for task, sample_key in rows:
+        picks.setdefault(task, set()).add(sample_key)
+    return picks

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trimdb.ann import build_ann
 from benchmarks.perf.synthetic import SyntheticSpec, grow_store
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class ScalePoint:
     disk_bytes: int
     build_seconds: float
     query: dict
+    # The approximate path at this size: build_ann's summary and the approximate child query.
+    ann: dict | None = None
 
     @property
     def scan_tokens_per_second(self) -> float:
@@ -61,14 +64,17 @@ def folder_bytes(db_path: Path) -> int:
     return total
 
 
-def run_child_query(db_path: Path, task: str, target: Path, budget: str = "5%",
-                    extra_env: dict[str, str] | None = None) -> dict:
+def run_child_query(db_path: Path, task: str, target: Path, budget: str = "5%", candidates: str | None = None,
+                    layers: int | None = None) -> dict:
     """Run one query in a fresh process and return the JSON report it prints."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
-    env.update(extra_env or {})
     command = [sys.executable, "-m", "benchmarks.perf.query_child", "--db", str(db_path),
                "--task", f"{task}={target}", "--budget", budget]
+    if candidates is not None:
+        command += ["--candidates", candidates]
+    if layers is not None:
+        command += ["--layers", str(layers)]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"query child failed with exit code {completed.returncode}: {completed.stderr[-4000:]}")
@@ -76,8 +82,12 @@ def run_child_query(db_path: Path, task: str, target: Path, budget: str = "5%",
 
 
 def measure_scale(folder: Path, sizes: list[int], spec: SyntheticSpec, task: str, target: Path,
-                  keep: bool = False) -> list[ScalePoint]:
-    """Grow one synthetic store through ``sizes`` and query it after each; delete it unless ``keep``."""
+                  ann_sizes: int = 1, layers: int | None = None, keep: bool = False) -> list[ScalePoint]:
+    """Grow one synthetic store through ``sizes`` and query it after each; delete it unless ``keep``.
+
+    At the ``ann_sizes`` smallest sizes the sample-summary index is built too and an approximate
+    query runs after the exact one.
+    """
     db_path = folder / "synthetic.duckdb"
     if db_path.exists() or Path(f"{db_path}.vectors").exists():
         raise FileExistsError(f"{db_path} already exists; remove it or pick another --work folder")
@@ -87,8 +97,10 @@ def measure_scale(folder: Path, sizes: list[int], spec: SyntheticSpec, task: str
             started = time.perf_counter()
             grow_store(db_path, size, spec)
             build = time.perf_counter() - started
-            report = run_child_query(db_path, task, target)
+            report = run_child_query(db_path, task, target, layers=layers)
             points.append(ScalePoint(size, folder_bytes(db_path), build, report))
+            if len(points) <= ann_sizes:
+                points[-1].ann = measure_ann_point(db_path, task, target, layers)
             log.info("scale %d vectors: build %.1f s, query %.1f s (scan %.1f s), peak RSS %.2f GB", size, build,
                      report["seconds"], report["scan_seconds"], report["peak_rss_bytes"] / 1e9)
     finally:
@@ -97,3 +109,13 @@ def measure_scale(folder: Path, sizes: list[int], spec: SyntheticSpec, task: str
             Path(f"{db_path}.wal").unlink(missing_ok=True)
             shutil.rmtree(Path(f"{db_path}.vectors"), ignore_errors=True)
     return points
+
+
+def measure_ann_point(db_path: Path, task: str, target: Path, layers: int | None = None) -> dict:
+    """Build the sample-summary index and run one approximate query (candidates "auto") in a child."""
+    summary = build_ann(db_path)
+    report = run_child_query(db_path, task, target, candidates="auto", layers=layers)
+    log.info("approximate path: build_ann %.1f s, query %.1f s (scan %.1f s)", summary.seconds, report["seconds"],
+             report["scan_seconds"])
+    return {"build_seconds": summary.seconds, "bytes": summary.bytes, "n_lists": summary.n_lists,
+            "query": report}

@@ -1,0 +1,113 @@
+"""Measure how well TRIM's coresets teach a target task, against baselines; write the results page.
+
+    python -m benchmarks.quality.run [--quick] [--long] [--work DIR] [--out benchmarks/results/quality.md]
+
+Builds a labelled pool, three target tasks (GSM8K, MMLU, BBH) and held-out evaluation sets from
+pinned registry packages, indexes the pool once, and runs TRIM and each baseline at 1% and 5%
+budgets. It reports relevance, downstream held-out loss after LoRA fine-tunes, selection cost,
+coreset lengths and ablations of TRIM's settings (benchmarks/quality/pipeline.py lists the
+stages). The index and the adapters are cached in the working folder between runs.
+
+Modes:
+- ``--quick``: a pool of about 600, a few training steps and no accuracy, meant to finish in under
+  15 minutes on 2 idle CPU cores;
+- full (the default): a pool of about 3,000, GSM8K accuracy, and the downstream test of the best
+  ablations, meant for 100 minutes on 2 CPU cores;
+- ``--long``: the full mode plus fine-tuning on the whole pool, meant for a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from benchmarks.perf.machine import describe_machine
+from benchmarks.quality.data import PoolSpec
+from benchmarks.quality.page import render_page
+from benchmarks.quality.pipeline import Config, run_benchmark
+from benchmarks.quality.plots import write_plots
+from benchmarks.quality.training import TrainSettings
+from trimdb.assets import cache_dir
+from trimdb.settings import IndexSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("benchmarks/results/quality.md")
+
+# About 600 samples of at most 1,200 characters: the index pass takes about 2 minutes on 2 cores.
+# One record from each of 200 OpenAI-evals sets spreads the evals part over many related sets.
+QUICK_POOL = PoolSpec(sharegpt=120, evals=200, humaneval=80, gsm8k_in_pool=50, hellaswag=100, truthfulqa=100,
+                      bigbench=100, evals_per_set=1, bigbench_per_task=5, max_chars=1200, n_eval=10)
+# About 3,000 samples (3,100 with BIG-bench) of at most 2,000 characters.
+FULL_POOL = PoolSpec(sharegpt=1850, evals=900, humaneval=164, gsm8k_in_pool=60, hellaswag=100, truthfulqa=100,
+                     bigbench=600, bigbench_per_task=10, max_chars=2000, n_eval=40)
+# Candidate saliency is stored for inspection only and scores never read it, so the index skips it.
+QUICK_INDEX = IndexSettings(dtype="bfloat16", max_length=512, batch_tokens=4096, store_saliency=False)
+FULL_INDEX = IndexSettings(dtype="bfloat16", max_length=1024, batch_tokens=8192, store_saliency=False)
+QUICK_TRAIN = TrainSettings(epochs=2, max_steps=4, batch_tokens=1024, max_length=512)
+FULL_TRAIN = TrainSettings(epochs=1, max_steps=12, batch_tokens=2048, max_length=1024)
+
+
+def make_config(mode: str, work: Path) -> Config:
+    """Return the configuration of a mode: quick, full or long."""
+    if mode == "quick":
+        return Config(mode, work, QUICK_POOL, QUICK_INDEX, QUICK_TRAIN, n_accuracy=0, downstream_ablations=0)
+    config = Config(mode, work, FULL_POOL, FULL_INDEX, FULL_TRAIN, n_accuracy=30, downstream_ablations=3)
+    if mode == "long":
+        config = dataclasses.replace(config, full_pool_training=True)
+    return config
+
+
+def write_results(results: dict, out: Path, command: str) -> None:
+    """Write the plots next to ``out`` (in ``<out stem>/``) and the page itself."""
+    plot_folder = out.parent / out.stem
+    plots = write_plots(results, plot_folder)
+    relative = {name: os.path.relpath(path, out.parent) for name, path in plots.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_page(results, results["machine"], command, relative), encoding="utf-8")
+    log.info("wrote %s and %d plots into %s", out, len(plots), plot_folder)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.run", description=__doc__.splitlines()[0])
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--quick", action="store_true", help="small pool and few training steps (under 15 min)")
+    modes.add_argument("--long", action="store_true", help="full mode plus fine-tuning on the whole pool (GPU)")
+    parser.add_argument("--work", type=Path, help="working folder with the cached index and adapters "
+                        "(default: <trimdb cache>/benchmarks/quality-<mode>)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results page (default {DEFAULT_OUT})")
+    parser.add_argument("--no-bigbench", action="store_true", help="leave BIG-bench out of the pool")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the page and plots from <work>/results.json without running anything")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    mode = "full"
+    if args.quick:
+        mode = "quick"
+    elif args.long:
+        mode = "long"
+    work = args.work or cache_dir() / "benchmarks" / f"quality-{mode}"
+    config = dataclasses.replace(make_config(mode, work), bigbench=not args.no_bigbench, progress=args.progress)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    command = shlex.join(["python", "-m", "benchmarks.quality.run", *(sys.argv[1:] if argv is None else argv)])
+    if args.render_only:
+        results = json.loads((work / "results.json").read_text())
+        write_results(results, args.out, results["command"])
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    results = run_benchmark(config, machine=describe_machine(work), command=command)
+    write_results(results, args.out, command)
+
+
+if __name__ == "__main__":
+    main()
