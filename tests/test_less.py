@@ -124,6 +124,11 @@ def test_identical_target_scores_highest(loaded, renderer, targets):
     assert scores.n_target_tokens["math"] > 0
 
 
+def test_less_scores_rejects_task_without_targets(loaded, renderer, targets):
+    with pytest.raises(ValueError, match=r"every task needs at least one target sample; tasks without one: \['geo'\]"):
+        less_scores(loaded, renderer, [], {"math": targets, "geo": []}, progress=False)
+
+
 # Query and CLI ----------------------------------------------------------------------------------
 
 
@@ -157,5 +162,7 @@ def test_cli_less_writes_scores_and_selections(indexed):
     assert json.loads(top[0])["messages"][0]["content"] == IDENTICAL[0]
     assert top[1] == pytest.approx(1.0, abs=1e-5)
     assert cost["n_pool_samples"] == N_POOL
-    assert cost["flops"] > 0
+    assert cost["n_lora_gradient_entries"] == 2 * 8 * (64 + 32 + 32 + 64)  # layers x rank x output sizes
+    assert cost["flops_projection"] == 2 * cost["n_lora_gradient_entries"] * K * (N_POOL + len(TARGETS))
+    assert cost["flops"] > cost["flops_projection"]
     assert cost["seconds"] > 0

@@ -220,20 +220,22 @@ def less_scores(
     out and counted; a target sample that does not render raises InputError. ``n_pool`` sizes the
     progress bar only.
     """
-    if not any(target_samples.values()):
-        raise ValueError("less_scores needs at least one target sample")
+    empty = [name for name, samples in target_samples.items() if not samples]
+    if not target_samples or empty:
+        raise ValueError(f"every task needs at least one target sample; tasks without one: {empty or 'all'}")
     started = time.perf_counter()
     with GradientFeaturizer(loaded, projection_dim=projection_dim, seed=seed, lora_rank=lora_rank) as featurizer:
         targets = [(name, _render_target(renderer, sample)) for name, samples in target_samples.items()
                    for sample in samples]
-        rows = max(1, int(buffer_mb * 2**20) // (4 * featurizer.n_parameters))
+        n_parameters = featurizer.n_parameters  # read inside the block, because exit detaches the LoRA
+        rows = max(1, int(buffer_mb * 2**20) // (4 * n_parameters))
         log.info("less: LoRA rank %d, %d gradient entries per sample projected to %d; %d samples per projection "
-                 "pass", lora_rank, featurizer.n_parameters, projection_dim, rows)
+                 "pass", lora_rank, n_parameters, projection_dim, rows)
         run = _LessRun(featurizer, renderer, targets, rows)
         with tqdm(total=len(targets) + (n_pool or 0), unit="sample", desc="less", disable=not progress) as bar:
             run.stream(pool_samples, bar)
     scores = run.finish(list(target_samples))
-    scores.stats |= _cost(loaded, run, featurizer.n_parameters, projection_dim, time.perf_counter() - started)
+    scores.stats |= _cost(loaded, run, n_parameters, projection_dim, time.perf_counter() - started)
     scores.stats |= {"lora_rank": lora_rank, "projection_dim": projection_dim, "seed": seed}
     log.info("less: %d pool samples (%d not rendered) in %.1f s: %.1f s gradients, %.1f s projection, "
              "about %.3g FLOPs", len(scores.keys), run.n_unrendered, scores.stats["seconds"],

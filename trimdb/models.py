@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,7 +158,10 @@ def _merge_adapter(model: torch.nn.Module, path: Path, name: str) -> torch.nn.Mo
 
     hint = "the adapter was trained for another base model; pass --model with that model"
     try:
-        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        with warnings.catch_warnings():
+            # peft 0.21 calls a method that transformers 5 deprecated; the warning concerns no trimdb user.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except (RuntimeError, ValueError, KeyError, OSError) as error:
         reason = " ".join(str(error).split())[:300]
         raise ModelError(f"cannot apply adapter {path} to model {name!r}: {reason}. Probably {hint}") from error

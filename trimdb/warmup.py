@@ -117,16 +117,16 @@ PRESETS = {
     # Tuning", arXiv:2402.04333, 2024), as set in less/scripts/train/base_training_args.sh of
     # github.com/princeton-nlp/LESS. It trains LoRA rank 128, alpha 512, dropout 0.1 on q/k/v/o_proj
     # with AdamW at 2e-5, linear decay after 3% warmup steps, 4 epochs, 2048-token sequences, bf16.
-    # LESS takes 32 sequences per optimizer step (batch 1, 32 accumulation steps); trimdb batches by
+    # LESS takes 32 sequences per optimizer step (batch 1, 32 accumulation steps). trimdb batches by
     # padded tokens, and 4 batches of 16,384 tokens hold 32 sequences of 2,048 tokens.
     "less": WarmupSettings(
         epochs=4, rank=128, alpha=512.0, dropout=0.1, learning_rate=2e-5, warmup_ratio=0.03,
         max_length=2048, batch_tokens=16384, accumulation_steps=4, dtype="bfloat16",
     ),
-    # trimdb's CPU setting for SmolLM2-135M-Instruct: a small adapter, a 10x higher learning rate
+    # trimdb's CPU setting for SmolLM2-135M-Instruct: a small adapter, 10 times LESS's learning rate
     # for the single epoch, and 512-token samples. On the demo pool's 5% (46 samples, 10,294 tokens,
-    # 13 steps) the whole `trimdb warmup` run used 91 s of CPU time on one thread (torch 2.13, a
-    # shared 2-core machine), so it takes about 1 to 1.5 minutes on 2 idle cores (an estimate).
+    # 13 steps), the whole `trimdb warmup` run used 91 s of CPU time on one thread (torch 2.13, on
+    # a shared 2-core machine). An estimate for 2 idle cores is therefore 1 to 1.5 minutes.
     "cpu": WarmupSettings(),
 }
 
@@ -292,7 +292,7 @@ def _lora_model(loaded: LoadedModel, settings: WarmupSettings):
     )
     loaded.use_attention("sdpa")  # training needs no attention maps
     with warnings.catch_warnings():
-        # peft 0.21 calls a method that transformers 5 deprecated; the warning concerns neither caller's user.
+        # peft 0.21 calls a method that transformers 5 deprecated; the warning concerns no trimdb user.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         peft_model = get_peft_model(loaded.model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -309,7 +309,9 @@ def _train(peft_model, examples: list[_Example], settings: WarmupSettings, pad_i
     batches = plan_batches([len(e.input_ids) for e in examples], settings.batch_tokens)
     steps_per_epoch = math.ceil(len(batches) / settings.accumulation_steps)
     total_steps = min(steps_per_epoch * settings.epochs, settings.max_steps or math.inf)
-    warmup_steps = math.ceil(settings.warmup_ratio * total_steps)
+    # The schedule's first step runs at learning rate 0, so rounding down keeps a run of a few
+    # steps from spending them all in warmup (the Trainer of transformers 5.25 rounds up).
+    warmup_steps = math.floor(settings.warmup_ratio * total_steps)
     parameters = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)

@@ -10,8 +10,11 @@ the 5% coreset with the float32 coreset and the Spearman correlation of the samp
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +22,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from trimdb.codecs import CODECS, build_codec, bytes_per_vector
+from trimdb.codecs import CODECS, bytes_per_vector
 from trimdb.fingerprints import Fingerprints
 from trimdb.query import SCAN_CHUNK
 from trimdb.scoring import SampleAccumulator, rank_samples, score_tokens
 from trimdb.settings import ScoreSettings, budget_size
 from trimdb.store import Store
+from benchmarks.perf.scale import REPOSITORY, child_env
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,8 @@ class CodecRow:
     overlap: dict[str, float]
     spearman: dict[str, float]
     max_abs_score_difference: dict[str, float]
+    # The timeout in seconds when encoding was stopped; the row then has no measured figures.
+    timed_out: float | None = None
 
 
 def load_index_vectors(db_path: Path) -> IndexVectors:
@@ -129,15 +135,29 @@ def top_overlap(reference: np.ndarray, other: np.ndarray, sample_ids: np.ndarray
     return len(set(reference_order[:k].tolist()) & set(other_order[:k].tolist())) / k
 
 
-def encode_codec(codec: str, index: IndexVectors, folder: Path) -> tuple[Path, float]:
-    """Encode the index's vectors as Store.write_segment does, write the file; return it and the seconds."""
-    started = time.perf_counter()
-    template, _ = build_codec(codec, index.vectors[: index.first_segment_rows])
-    encoded = faiss.IndexIDMap2(template)
-    encoded.add_with_ids(index.vectors, index.token_keys)
+def encode_codec(codec: str, index: IndexVectors, folder: Path, timeout: float | None) -> tuple[Path, float] | None:
+    """Encode the index's vectors as Store.write_segment does in a child process; return the file and seconds.
+
+    Return None when the child runs past ``timeout`` seconds: training some codecs (product
+    quantization on 576 dimensions) can take far longer than the rest of the benchmark.
+    """
+    vectors_file, keys_file = folder / "vectors.npy", folder / "keys.npy"
+    if not vectors_file.exists():
+        np.save(vectors_file, index.vectors)
+        np.save(keys_file, index.token_keys)
     path = folder / f"{codec}.faiss"
-    faiss.write_index(encoded, str(path))
-    return path, time.perf_counter() - started
+    command = [sys.executable, "-m", "benchmarks.perf.codec_child", "--codec", codec, "--vectors", str(vectors_file),
+               "--keys", str(keys_file), "--train-rows", str(index.first_segment_rows), "--out", str(path)]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=child_env(),
+                                   timeout=timeout)
+    except subprocess.TimeoutExpired:
+        path.unlink(missing_ok=True)
+        return None
+    if completed.returncode != 0:
+        raise RuntimeError(f"encoding codec {codec} failed with exit code {completed.returncode}: "
+                           f"{completed.stderr[-4000:]}")
+    return path, json.loads(completed.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def decode_codec(path: Path) -> tuple[np.ndarray, float]:
@@ -149,8 +169,12 @@ def decode_codec(path: Path) -> tuple[np.ndarray, float]:
     return vectors, time.perf_counter() - started
 
 
-def measure_codecs(db_path: Path, run_id: int, folder: Path, codecs: list[str] | None = None) -> list[CodecRow]:
-    """Measure every codec against the float32 vectors and fingerprints of query run ``run_id``."""
+def measure_codecs(db_path: Path, run_id: int, folder: Path, codecs: list[str] | None = None,
+                   timeout: float | None = None) -> list[CodecRow]:
+    """Measure every codec against the float32 vectors and fingerprints of query run ``run_id``.
+
+    A codec whose encoding runs past ``timeout`` seconds gets a row with no figures.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     index = load_index_vectors(db_path)
     fingerprints = load_fingerprints(db_path, run_id)
@@ -158,7 +182,13 @@ def measure_codecs(db_path: Path, run_id: int, folder: Path, codecs: list[str] |
     reference = {task: sample_scores(index, index.vectors, prints) for task, prints in fingerprints.items()}
     rows = []
     for codec in codecs or list(CODECS):
-        path, encode_seconds = encode_codec(codec, index, folder)
+        encoded = encode_codec(codec, index, folder, timeout)
+        if encoded is None:
+            log.warning("codec %s: encoding ran past %.0f s and was stopped", codec, timeout)
+            rows.append(CodecRow(codec, math.nan, bytes_per_vector(codec, index.vectors.shape[1]), math.nan, math.nan,
+                                 {}, {}, {}, timed_out=timeout))
+            continue
+        path, encode_seconds = encoded
         decoded, decode_seconds = decode_codec(path)
         scores = {task: sample_scores(index, decoded, prints) for task, prints in fingerprints.items()}
         rows.append(CodecRow(
@@ -174,6 +204,8 @@ def measure_codecs(db_path: Path, run_id: int, folder: Path, codecs: list[str] |
         path.unlink()
         log.info("codec %s: %.0f bytes per token, overlap %s", codec, rows[-1].file_bytes_per_token,
                  {task: round(value, 3) for task, value in rows[-1].overlap.items()})
+    for leftover in ("vectors.npy", "keys.npy"):
+        (folder / leftover).unlink(missing_ok=True)
     return rows
 
 
@@ -200,8 +232,8 @@ def default_codec(rows: list[CodecRow], float32_bytes: float) -> tuple[CodecRow 
     Size is compared in code bytes per token (what the codec stores per vector); the FAISS file
     adds 8 bytes of token key per vector to every codec.
     """
-    eligible = [row for row in rows
-                if row.code_bytes_per_token <= MAX_BYTES_SHARE * float32_bytes
+    eligible = [row for row in rows if row.timed_out is None
+                and row.code_bytes_per_token <= MAX_BYTES_SHARE * float32_bytes
                 and min(row.overlap.values()) >= MIN_OVERLAP]
     if not eligible:
         return None, (f"no codec stores at most 1/8 of float32's {float32_bytes:.0f} code bytes per token "

@@ -145,8 +145,8 @@ def codec_section(results: Results) -> list[str]:
     rows = results.codecs
     if not rows:
         return ["## 3. Codecs", "", "Not run.", ""]
-    tasks = list(rows[0].overlap)
     float32 = next(row for row in rows if row.codec == "float32")
+    tasks = list(float32.overlap)
     best, reason = default_codec(rows, float32.code_bytes_per_token)
     lines = [
         "## 3. Codecs", "",
@@ -162,6 +162,11 @@ def codec_section(results: Results) -> list[str]:
     header += [f"{task} overlap" for task in tasks] + [f"{task} Spearman" for task in tasks]
     table = []
     for row in rows:
+        if row.timed_out is not None:
+            table.append([f"`{row.codec}`", "", row.code_bytes_per_token,
+                          f"{row.code_bytes_per_token / float32.code_bytes_per_token:.3f}",
+                          f"stopped after {row.timed_out:.0f} s", *[""] * (1 + 2 * len(tasks))])
+            continue
         table.append([
             f"`{row.codec}`", f"{row.file_bytes_per_token:,.1f}", row.code_bytes_per_token,
             f"{row.code_bytes_per_token / float32.code_bytes_per_token:.3f}",

@@ -41,6 +41,9 @@ DEFAULT_OUT = Path("benchmarks/results/perf.md")
 FULL_SIZES = ("1M", "5M", "20M")
 QUICK_SIZES = ("200k", "1M")
 QUICK_PER_SOURCE = 40
+# Product quantization trains for minutes on 576 dimensions with 2 CPU cores; a codec still
+# encoding after this many seconds is stopped and listed without figures.
+DEFAULT_CODEC_TIMEOUT = 900
 # The codec of the scale stores when no codec meets the default-codec rule of section 3.
 FALLBACK_SCALE_CODEC = "sq8"
 
@@ -62,6 +65,12 @@ class Config:
     task: str = "gsm8k"
     # Last attention layers averaged into saliency; None keeps trimdb's default.
     layers: int | None = None
+    # time.perf_counter() value after which no further scale size starts (benchmarks.perf.scale).
+    deadline: float | None = None
+    # Keep the synthetic store after the scale curve (in work/scale).
+    keep_scale: bool = False
+    # Seconds after which one codec's training and encoding is stopped (section 3).
+    codec_timeout: float | None = DEFAULT_CODEC_TIMEOUT
     codecs: list[str] = field(default_factory=lambda: list(CODECS))
 
 
@@ -99,7 +108,7 @@ def run_benchmarks(config: Config, results: Results, page: Path | None = None) -
         results.query = measure_query(db_path, targets, config.task, layers=config.layers)
         checkpoint()
         results.codecs = measure_codecs(db_path, results.query.both_tasks["run_id"], config.work / "codecs",
-                                        config.codecs)
+                                        config.codecs, config.codec_timeout)
         checkpoint()
         results.ann = measure_ann(db_path, targets, results.query.both_tasks, layers=config.layers)
         checkpoint()
@@ -134,7 +143,8 @@ def _run_scale(config: Config, results: Results, db_path: Path, target: Path, pa
                          vocab_size=int(source_catalog["model"]["vocab_size"]))
     if config.scale_chunk:
         spec.chunk_vectors = config.scale_chunk
-    results.scale = measure_scale(folder, sizes, spec, config.task, target, layers=config.layers)
+    results.scale = measure_scale(folder, sizes, spec, config.task, target, layers=config.layers,
+                                  deadline=config.deadline, notes=results.scale_notes, keep=config.keep_scale)
     if page is not None:
         results.plot = write_plot(results.scale, page.with_name(f"{page.stem}-scale.png"))
 
@@ -153,6 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                               f"{','.join(FULL_SIZES)}, {','.join(QUICK_SIZES)} with --quick)")
     parser.add_argument("--scale-codec", default="auto", choices=["auto", *CODECS],
                         help="codec of the synthetic stores; auto takes the codec section 3 picks, else sq8")
+    parser.add_argument("--codec-timeout", type=float, default=DEFAULT_CODEC_TIMEOUT,
+                        help=f"seconds after which one codec's encoding is stopped (default {DEFAULT_CODEC_TIMEOUT})")
     parser.add_argument("--note", action="append", default=[],
                         help="line to print under the run's facts, such as other load on the machine (repeatable)")
     return parser.parse_args(argv)
@@ -169,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         per_source=args.per_source or (QUICK_PER_SOURCE if args.quick else DEFAULT_PER_SOURCE),
         scale_sizes=[parse_size(size) for size in sizes],
         scale_codec=args.scale_codec,
+        codec_timeout=args.codec_timeout,
     )
     command = shlex.join(["python", "-m", "benchmarks.perf.run", *(sys.argv[1:] if argv is None else argv)])
     results = Results(command=command, machine=describe_machine(config.work), pool={})

@@ -27,12 +27,13 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 @dataclass
 class ScalePoint:
-    """One store size: vectors, disk use, build time, and the child query's report."""
+    """One store size: vectors, disk use, build time of the vectors added for it, the child query's report."""
 
     n_vectors: int
     disk_bytes: int
     build_seconds: float
     query: dict
+    new_vectors: int = 0
     # The approximate path at this size: build_ann's summary and the approximate child query.
     ann: dict | None = None
 
@@ -64,29 +65,36 @@ def folder_bytes(db_path: Path) -> int:
     return total
 
 
+def child_env() -> dict[str, str]:
+    """Return this process's environment with the repository first on PYTHONPATH, for benchmark children."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
+    return env
+
+
 def run_child_query(db_path: Path, task: str, target: Path, budget: str = "5%", candidates: str | None = None,
                     layers: int | None = None) -> dict:
     """Run one query in a fresh process and return the JSON report it prints."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "benchmarks.perf.query_child", "--db", str(db_path),
                "--task", f"{task}={target}", "--budget", budget]
     if candidates is not None:
         command += ["--candidates", candidates]
     if layers is not None:
         command += ["--layers", str(layers)]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=env)
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPOSITORY, env=child_env())
     if completed.returncode != 0:
         raise RuntimeError(f"query child failed with exit code {completed.returncode}: {completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def measure_scale(folder: Path, sizes: list[int], spec: SyntheticSpec, task: str, target: Path,
-                  ann_sizes: int = 1, layers: int | None = None, keep: bool = False) -> list[ScalePoint]:
+                  ann_sizes: int = 1, layers: int | None = None, deadline: float | None = None,
+                  notes: list[str] | None = None, keep: bool = False) -> list[ScalePoint]:
     """Grow one synthetic store through ``sizes`` and query it after each; delete it unless ``keep``.
 
     At the ``ann_sizes`` smallest sizes the sample-summary index is built too and an approximate
-    query runs after the exact one.
+    query runs after the exact one. With ``deadline`` (a time.perf_counter() value), a size whose
+    projected build and query time would end after it is skipped, with a line in ``notes``.
     """
     db_path = folder / "synthetic.duckdb"
     if db_path.exists() or Path(f"{db_path}.vectors").exists():
@@ -94,11 +102,16 @@ def measure_scale(folder: Path, sizes: list[int], spec: SyntheticSpec, task: str
     points = []
     try:
         for size in sorted(sizes):
+            if deadline is not None and points and _projected_end(points[-1], size) > deadline:
+                (notes if notes is not None else []).append(
+                    f"{size:,} vectors skipped: at the measured rates it would end after the time budget")
+                continue
             started = time.perf_counter()
             grow_store(db_path, size, spec)
             build = time.perf_counter() - started
             report = run_child_query(db_path, task, target, layers=layers)
-            points.append(ScalePoint(size, folder_bytes(db_path), build, report))
+            added = size - (points[-1].n_vectors if points else 0)
+            points.append(ScalePoint(size, folder_bytes(db_path), build, report, added))
             if len(points) <= ann_sizes:
                 points[-1].ann = measure_ann_point(db_path, task, target, layers)
             log.info("scale %d vectors: build %.1f s, query %.1f s (scan %.1f s), peak RSS %.2f GB", size, build,
@@ -109,6 +122,13 @@ def measure_scale(folder: Path, sizes: list[int], spec: SyntheticSpec, task: str
             Path(f"{db_path}.wal").unlink(missing_ok=True)
             shutil.rmtree(Path(f"{db_path}.vectors"), ignore_errors=True)
     return points
+
+
+def _projected_end(last: ScalePoint, size: int) -> float:
+    """Return when growing to ``size`` and querying would end, at the rates measured for ``last``."""
+    build = last.build_seconds / max(last.new_vectors, 1) * (size - last.n_vectors)
+    query = last.query["seconds"] / last.n_vectors * size
+    return time.perf_counter() + build + query
 
 
 def measure_ann_point(db_path: Path, task: str, target: Path, layers: int | None = None) -> dict:

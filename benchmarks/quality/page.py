@@ -62,7 +62,9 @@ def _header(results: dict, machine: dict, command: str) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     memory = machine["memory_bytes"] / 2**30 if machine.get("memory_bytes") else float("nan")
     load = ", ".join(f"{value:.1f}" for value in machine.get("load_average") or ())
-    timings = ", ".join(f"{k} {v / 60:.1f} min" for k, v in results["timings"].items())
+    cpu = results.get("cpu_timings", {})
+    timings = ", ".join(f"{k} {v / 60:.1f} min" + (f" (CPU {cpu[k] / 60:.1f} min)" if k in cpu else "")
+                        for k, v in results["timings"].items())
     model = results["model"]
     return [
         "# Selection quality: TRIM against baselines", "",
@@ -256,7 +258,11 @@ def _notes(results: dict, plots: dict[str, str]) -> list[str]:
     lines = ["## Notes", ""] + [f"- {note}" for note in results["notes"]]
     methods = results.get("methods", {})
     for method in ("random", "bm25", "embedding", "less"):
-        if method not in methods.get("available", []):
+        if method in methods.get("available", []):
+            continue
+        if method in methods.get("offered", []):
+            lines.append(f"- {method}: not run in this mode; add it with `--methods`.")
+        else:
             lines.append(f"- {method}: not available in this trimdb version.")
     for label, error in methods.get("failed", {}).items():
         lines.append(f"- {label}: failed, so it is missing from the tables: {error}")

@@ -119,16 +119,22 @@ def run_benchmark(config: Config, dataset: Dataset | None = None, *, machine: di
                      "timings": {}}
     for name, stage in (("index", stage_index), ("methods", stage_methods), ("relevance", stage_relevance),
                         ("ablations", stage_ablations), ("downstream", stage_downstream)):
-        stage_started = time.perf_counter()
+        stage_started, cpu_started = time.perf_counter(), _cpu_seconds()
         stage(bench)
         bench.results["timings"][name] = time.perf_counter() - stage_started
+        bench.results.setdefault("cpu_timings", {})[name] = _cpu_seconds() - cpu_started
         bench.save()
         log.info("stage %s done in %.1f s", name, bench.results["timings"][name])
     bench.results["seconds"] = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    bench.results["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    bench.results["cpu_seconds"] = _cpu_seconds()
     bench.save()
     return bench.results
+
+
+def _cpu_seconds() -> float:
+    """Return the user and system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _config_dict(config: Config) -> dict:
@@ -171,7 +177,7 @@ def stage_methods(bench: Benchmark) -> None:
     """Run TRIM and each available baseline once over all target tasks."""
     config = bench.config
     methods = list(config.methods) if config.methods is not None else ["trim", *available_methods()]
-    bench.results["methods"] = {"available": methods, "failed": {}}
+    bench.results["methods"] = {"available": methods, "offered": available_methods(), "failed": {}}
     plan = []
     for method in methods:
         seeds = RANDOM_SEEDS if method == "random" else (0,)

@@ -34,7 +34,7 @@ from benchmarks.quality.pipeline import Config, run_benchmark
 from benchmarks.quality.plots import write_plots
 from benchmarks.quality.training import TrainSettings
 from trimdb.assets import cache_dir
-from trimdb.settings import IndexSettings
+from trimdb.settings import METHODS, IndexSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,16 @@ QUICK_TRAIN = TrainSettings(epochs=2, max_steps=4, batch_tokens=1024, max_length
 FULL_TRAIN = TrainSettings(epochs=1, max_steps=12, batch_tokens=2048, max_length=1024)
 
 
+# LESS runs a forward and a backward pass per pool sample, about 3 index passes, so --quick leaves
+# it out unless --methods names it.
+QUICK_METHODS = ("trim", "random", "bm25", "embedding")
+
+
 def make_config(mode: str, work: Path) -> Config:
     """Return the configuration of a mode: quick, full or long."""
     if mode == "quick":
-        return Config(mode, work, QUICK_POOL, QUICK_INDEX, QUICK_TRAIN, n_accuracy=0, downstream_ablations=0)
+        return Config(mode, work, QUICK_POOL, QUICK_INDEX, QUICK_TRAIN, n_accuracy=0, downstream_ablations=0,
+                      methods=QUICK_METHODS)
     config = Config(mode, work, FULL_POOL, FULL_INDEX, FULL_TRAIN, n_accuracy=30, downstream_ablations=3)
     if mode == "long":
         config = dataclasses.replace(config, full_pool_training=True)
@@ -74,6 +80,15 @@ def write_results(results: dict, out: Path, command: str) -> None:
     log.info("wrote %s and %d plots into %s", out, len(plots), plot_folder)
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    """Parse "trim,bm25,less" into method names, with trim first; raise SystemExit on an unknown name."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown method {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    return ("trim", *[name for name in names if name != "trim"])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.run", description=__doc__.splitlines()[0])
     modes = parser.add_mutually_exclusive_group()
@@ -83,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: <trimdb cache>/benchmarks/quality-<mode>)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results page (default {DEFAULT_OUT})")
     parser.add_argument("--no-bigbench", action="store_true", help="leave BIG-bench out of the pool")
+    parser.add_argument("--methods", help="comma-separated selection methods to run (trim always runs; default: "
+                        f"{','.join(QUICK_METHODS)} with --quick, else every method this trimdb offers)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the page and plots from <work>/results.json without running anything")
@@ -98,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         mode = "long"
     work = args.work or cache_dir() / "benchmarks" / f"quality-{mode}"
     config = dataclasses.replace(make_config(mode, work), bigbench=not args.no_bigbench, progress=args.progress)
+    if args.methods:
+        config = dataclasses.replace(config, methods=parse_methods(args.methods))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     command = shlex.join(["python", "-m", "benchmarks.quality.run", *(sys.argv[1:] if argv is None else argv)])
     if args.render_only:
