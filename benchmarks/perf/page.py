@@ -47,7 +47,7 @@ def machine_section(results: Results) -> list[str]:
     machine = results.machine
     memory = machine["memory_bytes"]
     versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
-    load = machine["load_average"]
+    load, load_end = machine["load_average"], machine.get("load_average_end")
     return [
         "## Run", "",
         f"- Command: `{results.command}`",
@@ -57,7 +57,9 @@ def machine_section(results: Results) -> list[str]:
         f"- CPU: {machine['cpu']}, {machine['cores']} cores",
         f"- GPU: {machine['gpu']}",
         f"- Python {machine['python']}; {versions}",
-        f"- Load average at the start: {', '.join(f'{value:.1f}' for value in load)}" if load else "",
+        f"- Load average (1, 5, 15 min) at the start: {', '.join(f'{value:.1f}' for value in load)}"
+        + (f"; at the last section: {', '.join(f'{value:.1f}' for value in load_end)}" if load_end else "")
+        if load else "",
         *[f"- {note}" for note in results.notes],
         "",
     ]
@@ -71,10 +73,9 @@ def overhead_section(results: Results) -> list[str]:
     forward = overhead.forward_seconds
     lines = [
         "## 1. Index overhead", "",
-        f"Pool: the real demo pool (`build_demo_pool`, {pool['per_source']} records per source): "
-        f"{rendered.n_samples} samples, {rendered.n_forward_tokens:,} tokens through the model, "
+        f"Pool: {pool['description']}: {rendered.n_samples} samples, {rendered.n_forward_tokens:,} tokens through the model, "
         f"{rendered.n_content_tokens:,} content tokens stored, {len(rendered.segments)} segment(s). Model: "
-        f"embedded SmolLM2-135M-Instruct, {pool['dtype']}, on {overhead.device}; batches of at most "
+        f"{pool.get('model', 'unknown')}, {pool['dtype']}, on {overhead.device}; batches of at most "
         f"{pool['batch_tokens']} padded tokens, max length {pool['max_length']}.", "",
         "- Bare forward: `model.get_decoder()` over the same rendered sequences, the same segments and "
         "`plan_batches` batches, SDPA attention, no hooks, nothing stored. Run twice, interleaved with the "
@@ -221,7 +222,7 @@ def scale_section(results: Results) -> list[str]:
         "**Synthetic data**: seeded standard-normal vectors scaled to unit length (D = "
         f"{results.pool.get('dim', 576)}), stored with codec `{results.scale_codec}` in a real trimdb store "
         "(`Store.write_segment` per segment of up to 1M vectors; samples of 200 to 400 tokens, random token "
-        "classes in [0, 49152), prompt then response rows inserted with `Store.insert_arrow` in one "
+        f"classes in [0, {results.pool.get('vocab_size', 49152)}), prompt then response rows inserted with `Store.insert_arrow` in one "
         "transaction per segment; the catalog copied from the section-1 index). Each size is queried "
         f"(`{results.query.task if results.query else 'gsm8k'}` target, 5%) in a fresh process that "
         "loads the real model from the catalog for the target forward pass.",
@@ -240,7 +241,7 @@ def scale_section(results: Results) -> list[str]:
             f"{point.scan_tokens_per_second / 1e6:.2f}", _gb(query["peak_rss_bytes"]),
             _gb(query["rss_before_query_bytes"]) if query.get("rss_before_query_bytes") else "",
         ])
-    lines += _table(["stored vectors", "on disk", "build s", "query s", "model load s", "scan s",
+    lines += _table(["stored vectors", "on disk", "build s (vectors added)", "query s", "model load s", "scan s",
                      "scan s per vector, relative to the smallest", "scan M tokens/s", "peak RSS",
                      "RSS before the query"], table)
     lines += _ann_scale_lines(points)
