@@ -83,7 +83,8 @@ def test_parse_size_invalid():
 def test_sample_lengths_sum():
     lengths = sample_lengths(np.random.default_rng(0), 10_000)
     assert lengths.sum() == 10_000
-    assert lengths[:-1].min() >= 200 and lengths.max() <= 400
+    assert lengths[:-1].min() >= 200
+    assert lengths.max() <= 400
 
 
 def test_spearman_reversed():

@@ -1,8 +1,9 @@
 """Vector codecs: bytes per token on disk and selection quality against float32.
 
 The float32 vectors of an index are encoded into every codec of trimdb.codecs.CODECS exactly as
-Store.write_segment does (build_codec trained on the first segment's vectors, IndexIDMap2 over
-it), written to a FAISS file, and decoded with reconstruct_n as the query scan does. The decoded
+Store.write_segment does: build_codec trained on the first segment's vectors, IndexIDMap2 over
+it. Each encoding is written to a FAISS file and decoded with reconstruct_n as the query scan
+does. The decoded
 vectors are scored with the fingerprints that a float32 query run stored, through the library's
 own score_tokens and SampleAccumulator, and ranked with rank_samples. Quality is the overlap of
 the 5% coreset with the float32 coreset and the Spearman correlation of the sample scores.
@@ -229,8 +230,8 @@ def _max_abs_difference(first: np.ndarray, second: np.ndarray) -> float:
 def default_codec(rows: list[CodecRow], float32_bytes: float) -> tuple[CodecRow | None, str]:
     """Return the smallest codec within MAX_BYTES_SHARE of float32 and MIN_OVERLAP on every task, and why.
 
-    Size is compared in code bytes per token (what the codec stores per vector); the FAISS file
-    adds 8 bytes of token key per vector to every codec.
+    Size is compared in code bytes per token, the bytes the codec stores per vector. The FAISS
+    file adds 8 bytes of token key per vector to every codec.
     """
     eligible = [row for row in rows if row.timed_out is None
                 and row.code_bytes_per_token <= MAX_BYTES_SHARE * float32_bytes

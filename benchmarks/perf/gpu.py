@@ -3,13 +3,13 @@
     python -m benchmarks.perf.gpu [--out benchmarks/results/perf-gpu.md] [--work DIR] [--model DIR]
         [--pool DIR --targets DIR] [--max-vectors 100M] [--budget-seconds 600]
 
-It runs the sections of benchmarks.perf.run with the model on CUDA (trimdb.models.load_model
-picks CUDA when torch sees a GPU), and a larger synthetic scale: sizes double from 1M vectors up
-to --max-vectors, cut to fit the free disk twice over and skipped once the projected time passes
-the budget. When FAISS sees a GPU (faiss.get_num_gpus() > 0) it also measures a GPU scan bound:
-the largest synthetic store decoded in chunks and searched for each token's nearest fingerprint
-with faiss.knn_gpu, which is the arithmetic of the query scan without the token-class lookup.
-trimdb's own query scan runs on the CPU.
+It runs the sections of benchmarks.perf.run with the model on CUDA, because
+trimdb.models.load_model picks CUDA when torch finds a GPU. The synthetic scale is larger: sizes
+double from 1M vectors up to --max-vectors, cut to fit the free disk twice over, and a size is
+skipped once its projected time passes the budget. When faiss.get_num_gpus() > 0 it also
+measures a GPU scan bound: the largest synthetic store decoded in chunks and searched for each
+token's nearest fingerprint with faiss.knn_gpu, which is the arithmetic of the query scan
+without the token-class lookup. trimdb's own query scan runs on the CPU.
 
 Without a GPU it runs on the CPU with small sizes (200k and 1M vectors, 40 records per pool
 source), so it can be checked anywhere. A machine without network needs the model folder
@@ -30,12 +30,13 @@ from pathlib import Path
 import faiss
 import torch
 
+from trimdb.codecs import CODECS
 from trimdb.query import SCAN_CHUNK
 from trimdb.store import Store
 from benchmarks.perf.codec_table import load_fingerprints
 from benchmarks.perf.machine import describe_machine
 from benchmarks.perf.page import Results, render_page
-from benchmarks.perf.run import Config, run_benchmarks
+from benchmarks.perf.run import Config, parse_codecs, run_benchmarks
 from benchmarks.perf.scale import parse_size
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", type=Path, help="pool folder (default: build the demo pool)")
     parser.add_argument("--targets", type=Path, help="folder with gsm8k.jsonl and mmlu.jsonl (with --pool)")
     parser.add_argument("--max-vectors", default="100M", help="largest synthetic store (default 100M)")
+    parser.add_argument("--layers", type=int, help="last attention layers averaged into saliency (default: trimdb's)")
+    parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs of section 3 (default: all)")
     parser.add_argument("--budget-seconds", type=float, default=600, help="time budget of the run (default 600)")
     args = parser.parse_args(argv)
     if (args.pool is None) != (args.targets is None):
@@ -118,14 +121,16 @@ def main(argv: list[str] | None = None) -> None:
         per_source=250 if on_gpu else CPU_PER_SOURCE,
         scale_sizes=gpu_sizes(parse_size(args.max_vectors)) if on_gpu else [parse_size(s) for s in CPU_SIZES],
         pool=args.pool, targets=_target_files(args.targets) if args.targets else None,
-        deadline=started + args.budget_seconds * (1 if on_gpu else 10),
+        deadline=started + args.budget_seconds if on_gpu else None,
+        keep_scale=faiss.get_num_gpus() > 0,
+        layers=args.layers,
+        codecs=parse_codecs(args.codecs),
     )
     command = shlex.join(["python", "-m", "benchmarks.perf.gpu", *(sys.argv[1:] if argv is None else argv)])
     results = Results(command=command, machine=describe_machine(config.work), pool={})
     if not on_gpu:
         results.notes.append("No CUDA device: CPU fallback with small sizes, to check that the script runs.")
     try:
-        config.keep_scale = faiss.get_num_gpus() > 0
         run_benchmarks(config, results, args.out)
         bound = None
         if faiss.get_num_gpus() > 0 and results.scale:

@@ -7,7 +7,7 @@ run (a segment closes once its content tokens reach the vector budget of DEFAULT
 so both sides form the same batches.
 
 `index_corpus` loads its own model. Its model-load time is measured inside each run, by timing
-the call of trimdb.indexing.load_model, and subtracted; everything else counts as indexing:
+the call of trimdb.indexing.load_model, and subtracted. Everything else counts as indexing:
 reading and rendering the corpus twice (plan and stream), forward passes, saliency, and writing
 vectors and rows.
 """
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RenderedPool:
-    """The pool as the index run sees it: token sequences grouped into the index's segments."""
+    """The pool as the index run reads it: token sequences grouped into the index's segments."""
 
     segments: list[list[list[int]]]
     n_samples: int
@@ -147,11 +147,12 @@ def timed_index(label: str, db_path: Path, pool: Path, settings: IndexSettings, 
 def measure_overhead(pool: Path, work: Path, *, dtype: str, model: str | None = None,
                      source_column: str | None = "source",
                      saliency: SaliencySettings = SaliencySettings()) -> tuple[OverheadResult, Path]:
-    """Time bare forward, index with saliency and index without, interleaved; return the result and
-    the database indexed with default settings (saliency stored), which later sections query.
+    """Time the bare forward pass, then index with and without saliency, interleaved.
 
-    Order: forward, index (saliency), forward, index (no saliency). The lower forward time is the
-    reference, so a slow moment during one repetition does not inflate the ratio.
+    Return the result and the database indexed with default settings (saliency stored), which
+    later sections query. The order is forward, index (saliency), forward, index (no saliency).
+    The lower forward time is the reference, so a slow moment in one repetition does not inflate
+    the ratio.
     """
     settings = IndexSettings(dtype=dtype, saliency=saliency)
     started = time.perf_counter()
@@ -165,7 +166,8 @@ def measure_overhead(pool: Path, work: Path, *, dtype: str, model: str | None = 
     plain_db = work / "index-no-saliency.duckdb"
 
     result.forward_seconds.append(bare_forward(loaded, rendered, settings.batch_tokens))
-    result.index_runs.append(timed_index("saliency stored (default)", saliency_db, pool, settings, source_column, model))
+    default_run = timed_index("saliency stored (default)", saliency_db, pool, settings, source_column, model)
+    result.index_runs.append(default_run)
     result.forward_seconds.append(bare_forward(loaded, rendered, settings.batch_tokens))
     no_saliency = IndexSettings(dtype=dtype, saliency=saliency, store_saliency=False)
     result.index_runs.append(timed_index("no saliency", plain_db, pool, no_saliency, source_column, model))

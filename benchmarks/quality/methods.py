@@ -99,19 +99,60 @@ def _remove_index(db: Path, key_file: Path) -> None:
 def run_method(db: Path, targets: dict[str, Path], label: str, method: str, *, seed: int = 0,
                settings: ScoreSettings = ScoreSettings(), budget: str = "5%", adapter: str | None = None,
                progress: bool = False) -> MethodRun:
-    """Run one query over every target task and return its run; the ranking stays in the database."""
+    """Run one query over every target task and return its run; the ranking stays in the database.
+
+    A finished run of the same database with the same query key (method, seed, settings, budget,
+    adapter, target file contents and trimdb version) is reused, so a rerun after a crash resumes.
+    """
+    key = query_key(targets, method, seed, settings, budget, adapter)
+    run = _cached_run(db, key, label, method, seed, settings)
+    if run is not None:
+        log.info("%s: reusing run %d (%.1f s when it ran)", label, run.run_id, run.seconds)
+        return run
     result = query_tasks(db, {name: str(path) for name, path in targets.items()}, budget, settings=settings,
                          method=method, seed=seed, adapter=adapter, progress=progress,
-                         arguments={"benchmark": "quality", "label": label})
-    with Store(db, read_only=True) as store:
-        stats = store.query("SELECT stats FROM runs WHERE run_id = ?", [result.run_id]).fetchall()[0][0]
-    stats = json.loads(stats) if isinstance(stats, str) else (stats or {})
+                         arguments={"benchmark": "quality", "label": label, "query_key": key})
+    _store_seconds(db, result.run_id, result.seconds)
     log.info("%s: run %d in %.1f s", label, result.run_id, result.seconds)
+    return _cached_run(db, key, label, method, seed, settings)
+
+
+def query_key(targets: dict[str, Path], method: str, seed: int, settings: ScoreSettings, budget: str,
+              adapter: str | None) -> str:
+    """Return the SHA-256 of everything a query run's ranking depends on, besides the index."""
+    digest = hashlib.sha256()
+    for name in sorted(targets):
+        digest.update(name.encode())
+        digest.update(Path(targets[name]).read_bytes())
+    meta = {"method": method, "seed": seed, "settings": settings.to_dict(), "budget": budget, "adapter": adapter,
+            "trimdb": __version__}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _store_seconds(db: Path, run_id: int, seconds: float) -> None:
+    """Record the query's wall time (QueryResult.seconds) in the run's arguments, which trimdb keeps as given."""
+    with Store(db) as store, store.transaction() as connection:
+        connection.execute("UPDATE runs SET arguments = json_merge_patch(arguments, ?) WHERE run_id = ?",
+                           [json.dumps({"seconds": seconds}), run_id])
+
+
+def _cached_run(db: Path, key: str, label: str, method: str, seed: int, settings: ScoreSettings) -> MethodRun | None:
+    with Store(db, read_only=True) as store:
+        rows = store.query(
+            "SELECT run_id, stats, json_extract(arguments, '$.seconds') FROM runs WHERE kind = 'query' "
+            "AND json_extract_string(arguments, '$.query_key') = ? AND finished_at IS NOT NULL "
+            "AND json_extract(arguments, '$.seconds') IS NOT NULL ORDER BY run_id DESC LIMIT 1", [key]).fetchall()
+        if not rows:
+            return None
+        run_id, stats, seconds = rows[0]
+        tasks = store.query("SELECT task, n_target_tokens, n_fingerprints FROM tasks WHERE run_id = ?",
+                            [run_id]).fetchall()
+    stats = json.loads(stats) if isinstance(stats, str) else (stats or {})
     return MethodRun(
-        label=label, method=method, run_id=result.run_id, seconds=result.seconds, seed=seed,
+        label=label, method=method, run_id=run_id, seconds=float(json.loads(str(seconds))), seed=seed,
         settings=settings.to_dict(), stats=stats,
-        n_target_tokens={t.task: t.n_target_tokens for t in result.tasks},
-        n_fingerprints={t.task: len(t.fingerprints) for t in result.tasks},
+        n_target_tokens={task: int(n) for task, n, _ in tasks}, n_fingerprints={task: int(f) for task, _, f in tasks},
     )
 
 

