@@ -63,8 +63,8 @@ def parse_dedup(ctx, param, values) -> tuple[str, ...]:
               help="Scan every stored token vector, or score exactly only the candidates that the sample-summary "
                    "index (built by `trimdb ann`) puts near the target samples.")
 @click.option("--candidates", type=click.IntRange(min=1), default=None,
-              help="With --approximate: nearest samples taken per target sample. Default: twice the budget's "
-                   "sample count, at least 100.")
+              help="With --approximate: nearest samples taken per target sample. Default: four times the "
+                   "budget's sample count divided by the task's target samples, at least 100.")
 @click.option("--method", type=click.Choice(METHODS), default="trim", show_default=True,
               help="Selection method: trim, or a baseline that writes the same tables: random (seeded uniform "
                    "scores), bm25 (lexical, max over target samples), embedding (cosine of mean hidden states, "

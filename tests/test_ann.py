@@ -96,3 +96,20 @@ def test_candidates_needs_approximate(indexed, target_file):
     result = query(indexed, target_file, "--candidates", "5")
     assert result.exit_code == 2
     assert "--candidates applies only with --approximate" in result.output
+
+
+def test_read_tokens_across_segments(tmp_path, tiny_model_dir, pool_file):
+    db = tmp_path / "segments.duckdb"
+    result = CliRunner().invoke(cli, ["index", str(pool_file), "--db", str(db), "--model", str(tiny_model_dir),
+                                      *LAYERS, "--segment-mb", "0.01", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with Store(db, read_only=True) as store:
+        segments = store.segments()
+        assert len(segments) > 2
+        keys, vectors = zip(*(chunk for segment in segments for chunk in store.iter_vectors(segment, 1000)))
+        keys, vectors = np.concatenate(keys), np.concatenate(vectors)
+        # Every third key, then a block that runs over the first segment boundary.
+        picked = np.concatenate([np.arange(0, len(keys), 3), np.arange(segments[0].n_vectors - 2, len(keys))])
+        picked = np.unique(picked)
+        np.testing.assert_array_equal(store.read_tokens(keys[picked]), vectors[picked])
+        assert store.read_tokens(keys[:0]).shape == (0, vectors.shape[1])

@@ -43,6 +43,26 @@ def test_unseen_class_takes_penalized_nearest():
     assert unseen.tolist() == [False, True, False]
 
 
+def test_score_tokens_multiplies_only_unseen_tokens_with_every_fingerprint():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    classes = rng.integers(0, 40, size=3000)
+    fingerprints = build_fingerprints([classes[:500] % 20], [vectors[:500]], [rng.random(500)])
+    products = []
+
+    def matmul(a, b):
+        products.append(len(a))
+        return a @ b.T
+
+    fast, fast_unseen = score_tokens(vectors, classes, fingerprints, 0.5, matmul=matmul)
+    full, full_unseen = score_tokens(vectors, classes, fingerprints, 0.5,
+                                     similarities=vectors @ fingerprints.vectors.T)
+    np.testing.assert_allclose(fast, full, atol=1e-6)
+    assert fast_unseen.tolist() == full_unseen.tolist()
+    assert products == [int(full_unseen.sum())]
+
+
 def test_accumulator_pools_mean_and_max_across_chunks():
     accumulator = SampleAccumulator(3)
     accumulator.add(np.array([0, 0, 1]), np.array([0.2, 0.6, 0.5]), np.array([False, True, False]))

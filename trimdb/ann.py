@@ -84,21 +84,23 @@ def _sample_summaries(store: Store) -> tuple[np.ndarray, np.ndarray]:
             samples = store.query(
                 "SELECT sample_key FROM tokens WHERE token_key BETWEEN ? AND ? ORDER BY token_key",
                 [int(ids[0]), int(ids[-1])]).fetchnumpy()["sample_key"]
-            unique, inverse = np.unique(np.asarray(samples, dtype=np.int64), return_inverse=True)
-            sums = np.zeros((len(unique), vectors.shape[1]), dtype=np.float64)
-            np.add.at(sums, inverse, vectors)
-            all_keys.append(unique)
+            keys, sums = _run_sums(np.asarray(samples, dtype=np.int64), vectors)
+            all_keys.append(keys)
             all_summaries.append(sums)
     if not all_keys:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     keys = np.concatenate(all_keys)
-    sums = np.concatenate(all_summaries)
     # A sample can straddle two scan chunks; add its partial sums together.
-    unique, inverse = np.unique(keys, return_inverse=True)
-    merged = np.zeros((len(unique), sums.shape[1]), dtype=np.float64)
-    np.add.at(merged, inverse, sums)
+    order = np.argsort(keys, kind="stable")
+    unique, merged = _run_sums(keys[order], np.concatenate(all_summaries)[order])
     norms = np.maximum(np.linalg.norm(merged, axis=1, keepdims=True), 1e-12)
     return unique, (merged / norms).astype(np.float32)
+
+
+def _run_sums(keys: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the distinct keys and float64 sums of ``vectors`` over each run of equal adjacent ``keys``."""
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    return keys[starts], np.add.reduceat(vectors, starts, axis=0, dtype=np.float64)
 
 
 def candidate_samples(store: Store, target_summaries: list[np.ndarray], n_candidates: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,10 @@ log = logging.getLogger(__name__)
 
 # Token vectors scored per chunk: 65,536 x 576 float32 is 150 MB, a bound on scan memory.
 SCAN_CHUNK = 65_536
-# --approximate without --candidates takes, per target sample, twice the budget's sample count of
-# nearest summaries (at least 100); the recall this gives is measured in benchmarks/results/perf.md.
-AUTO_CANDIDATE_FACTOR = 2
+# --approximate without --candidates shares 4 budgets of nearest summaries among a task's target
+# samples (at least 100 each), so a task scores at most about 4 budgets of samples. The recall this
+# gives is measured in benchmarks/results/perf.md.
+AUTO_CANDIDATE_FACTOR = 4
 AUTO_MIN_CANDIDATES = 100
 # Below this many token vectors per chunk, copying to the GPU costs more than the product saves.
 GPU_MIN_ROWS = 4096
@@ -126,7 +128,7 @@ def query_tasks(
         results = [_fingerprint_task(name, Path(path), loaded, renderer, settings, format) for name, path in tasks.items()]
         if candidates == "auto":
             n_samples = int(store.query("SELECT count(*) FROM samples").fetchall()[0][0])
-            candidates = max(AUTO_MIN_CANDIDATES, AUTO_CANDIDATE_FACTOR * budget_size(parsed_budget, n_samples))
+            candidates = auto_candidates(budget_size(parsed_budget, n_samples), min(r.n_targets for r in results))
         if candidates is None:
             scores, sample_keys, sample_ids = _scan(store, results, settings, where, progress)
         else:
@@ -171,6 +173,11 @@ def _load_index_model(catalog: dict, model: str | None, adapter: str | Path | No
                         plain_template=index_settings.plain_template or None)
     check_identity(catalog["model"], loaded.identity(renderer.template_sha256))
     return loaded, renderer
+
+
+def auto_candidates(budget_count: int, n_target_samples: int) -> int:
+    """Return the nearest samples taken per target sample when --candidates is not given."""
+    return max(AUTO_MIN_CANDIDATES, math.ceil(AUTO_CANDIDATE_FACTOR * budget_count / max(n_target_samples, 1)))
 
 
 def _check_method(method: str, candidates, seed: int) -> None:
@@ -260,8 +267,6 @@ def _scan(store: Store, results: list[TaskResult], settings: ScoreSettings, wher
     sample_keys = np.asarray(samples["sample_key"], dtype=np.int64)
     sample_ids = np.asarray(samples["sample_id"], dtype=object)
     allowed = _allowed_samples(store, sample_keys, where)
-    stacked = np.concatenate([r.fingerprints.vectors for r in results])  # (sum F, D)
-    bounds = np.cumsum([0] + [len(r.fingerprints) for r in results])
     accumulators = [SampleAccumulator(len(sample_keys)) for _ in results]
     scope = SCOPE_PARTS[settings.scope]
 
@@ -272,12 +277,7 @@ def _scan(store: Store, results: list[TaskResult], settings: ScoreSettings, wher
             tokens = _token_rows(store, ids)
             slots = np.searchsorted(sample_keys, tokens["sample_key"])
             keep = np.isin(tokens["part"], scope) & allowed[slots]
-            similarities = token_similarities(vectors[keep], stacked)  # (kept tokens, sum F)
-            for task_index, result in enumerate(results):
-                part = similarities[:, bounds[task_index]:bounds[task_index + 1]]
-                token_scores, unseen = score_tokens(vectors[keep], tokens["token_class"][keep], result.fingerprints,
-                                                    settings.unseen_penalty, similarities=part)
-                accumulators[task_index].add(slots[keep], token_scores, unseen)
+            _score_chunk(results, settings, accumulators, vectors[keep], tokens["token_class"][keep], slots[keep])
             bar.update(len(ids))
     bar.close()
     scores = [a.finish(settings.mean_weight, settings.max_weight) for a in accumulators]
@@ -292,31 +292,37 @@ def _scan_candidates(store: Store, results: list[TaskResult], settings: ScoreSet
     summaries = [summary for result in results for summary in result.summaries]
     keys = candidate_samples(store, summaries, n_candidates)
     keys = keys[_allowed_samples(store, sample_keys, where)[np.searchsorted(sample_keys, keys)]]
-    stacked = np.concatenate([r.fingerprints.vectors for r in results])  # (sum F, D)
-    bounds = np.cumsum([0] + [len(r.fingerprints) for r in results])
     accumulators = [SampleAccumulator(len(sample_keys)) for _ in results]
     scope = SCOPE_PARTS[settings.scope]
 
     store.raw.register("_trimdb_candidates", pa.table({"sample_key": pa.array(keys, pa.int64())}))
     try:
-        spans = store.query(
-            "SELECT sample_key, min(token_key), count(*), list(token_class ORDER BY token_key), "
-            "list(part ORDER BY token_key) FROM tokens WHERE sample_key IN (SELECT sample_key FROM _trimdb_candidates) "
-            "GROUP BY sample_key ORDER BY sample_key").fetchall()
+        rows = store.query(
+            "SELECT token_key, sample_key, token_class, part FROM tokens "
+            "WHERE sample_key IN (SELECT sample_key FROM _trimdb_candidates) ORDER BY token_key").fetchnumpy()
     finally:
         store.raw.unregister("_trimdb_candidates")
-    for sample_key, first_key, count, classes, parts in spans:
-        vectors = store.read_token_range(first_key, count)
-        keep = np.isin(np.asarray(parts), scope)
-        similarities = token_similarities(vectors[keep], stacked)
-        slots = np.full(int(keep.sum()), np.searchsorted(sample_keys, sample_key))
-        for task_index, result in enumerate(results):
-            part = similarities[:, bounds[task_index]:bounds[task_index + 1]]
-            token_scores, unseen = score_tokens(vectors[keep], np.asarray(classes)[keep], result.fingerprints,
-                                                settings.unseen_penalty, similarities=part)
-            accumulators[task_index].add(slots, token_scores, unseen)
+    token_keys = np.asarray(rows["token_key"], dtype=np.int64)
+    keep = np.isin(np.asarray(rows["part"]), scope)
+    slots = np.searchsorted(sample_keys, np.asarray(rows["sample_key"], dtype=np.int64))
+    classes = np.asarray(rows["token_class"], dtype=np.int64)
+    for start in range(0, len(token_keys), SCAN_CHUNK):
+        part = slice(start, start + SCAN_CHUNK)
+        vectors = store.read_tokens(token_keys[part])
+        chunk_keep = keep[part]
+        _score_chunk(results, settings, accumulators, vectors[chunk_keep], classes[part][chunk_keep],
+                     slots[part][chunk_keep])
     scores = [a.finish(settings.mean_weight, settings.max_weight) for a in accumulators]
     return scores, sample_keys, sample_ids
+
+
+def _score_chunk(results: list[TaskResult], settings: ScoreSettings, accumulators: list[SampleAccumulator],
+                 vectors: np.ndarray, token_classes: np.ndarray, slots: np.ndarray) -> None:
+    """Score one chunk of in-scope tokens for every task and add them to the task's accumulator."""
+    for result, accumulator in zip(results, accumulators):
+        token_scores, unseen = score_tokens(vectors, token_classes, result.fingerprints, settings.unseen_penalty,
+                                            matmul=token_similarities)
+        accumulator.add(slots, token_scores, unseen)
 
 
 def token_similarities(vectors: np.ndarray, fingerprints: np.ndarray) -> np.ndarray:

@@ -206,16 +206,20 @@ class Store:
             )
         return index
 
+    def _token_ranges(self) -> list[tuple]:
+        """Return (segment_id, first token key, last token key) of every segment, read once per Store."""
+        if self._segment_ranges is None:
+            self._segment_ranges = self.query(
+                "SELECT segment_id, first_token_key, last_token_key FROM segments ORDER BY segment_id").fetchall()
+        return self._segment_ranges
+
     def read_token_range(self, first_key: int, count: int) -> np.ndarray:
         """Return the vectors (count, D) of ``count`` consecutive token keys from ``first_key``.
 
         A run assigns consecutive keys to the vectors of its segment in order, so a key's row in
         its segment is its offset from the segment's first key.
         """
-        if self._segment_ranges is None:
-            self._segment_ranges = self.query(
-                "SELECT segment_id, first_token_key, last_token_key FROM segments ORDER BY segment_id").fetchall()
-        for segment_id, first, last in self._segment_ranges:
+        for segment_id, first, last in self._token_ranges():
             if first <= first_key and first_key + count - 1 <= last:
                 break
         else:
@@ -225,6 +229,18 @@ class Store:
             index = self.open_segment(segment)
             self._open_segments[segment_id] = (index, faiss.downcast_index(index.index))
         return self._open_segments[segment_id][1].reconstruct_n(first_key - first, count)
+
+    def read_tokens(self, keys: np.ndarray) -> np.ndarray:
+        """Return the vectors (n, D) of ascending token keys, reading each run of consecutive keys at once."""
+        if len(keys) == 0:
+            segments = self.segments()
+            return np.zeros((0, segments[0].dim if segments else 0), dtype=np.float32)
+        segment_starts = np.array([first for _, first, _ in self._token_ranges()], dtype=np.int64)
+        # A run ends where keys stop being consecutive or where the next key starts a segment.
+        breaks = (np.diff(keys) != 1) | np.isin(keys[1:], segment_starts)
+        starts = np.concatenate([[0], np.flatnonzero(breaks) + 1])
+        ends = np.concatenate([starts[1:], [len(keys)]])
+        return np.concatenate([self.read_token_range(int(keys[a]), int(b - a)) for a, b in zip(starts, ends)])
 
     def iter_vectors(self, segment: Segment, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (token keys (n,), vectors (n, D)) of one segment in chunks of at most ``chunk`` rows."""
@@ -252,7 +268,11 @@ class Store:
                 path.unlink()
 
     def size_bytes(self) -> int:
+        """Return the bytes of the database file, its write-ahead log (if any) and its vector files."""
         total = self.path.stat().st_size
+        wal = Path(f"{self.path}.wal")
+        if wal.exists():
+            total += wal.stat().st_size
         if self.vectors_dir.exists():
             total += sum(p.stat().st_size for p in self.vectors_dir.iterdir())
         return total
