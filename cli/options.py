@@ -6,7 +6,7 @@ import functools
 
 import click
 
-from trimdb.codecs import CODECS
+from trimdb.codecs import AUTO, AUTO_CODEC, AUTO_MIN_VECTORS, CODECS
 from trimdb.records import FORMATS
 from trimdb.settings import DTYPES, ROW_SALIENCY_FORMS, SCOPES, IndexSettings, SaliencySettings, ScoreSettings
 
@@ -84,9 +84,11 @@ def index_options(function):
                      help="Maximum padded tokens per forward batch; lower it when memory runs out."),
         click.option("--no-saliency", is_flag=True,
                      help="Do not store candidate token saliency; skips eager attention, so indexing is faster."),
-        click.option("--codec", type=click.Choice(list(CODECS)), default=defaults.codec, show_default=True,
+        click.option("--codec", type=click.Choice([AUTO, *CODECS]), default=defaults.codec, show_default=True,
                      help="Storage codec of token vectors: float32 is exact; the others trade score precision "
-                          "for disk (see the README's codec table)."),
+                          f"for disk (see the README's codec table). {AUTO} picks {AUTO_CODEC} when the first "
+                          f"segment holds at least {AUTO_MIN_VECTORS:,} token vectors, else float32; an index "
+                          "keeps its codec when appended to."),
         click.option("--plain-template", is_flag=True,
                      help="Render samples with trimdb's plain template even when the tokenizer has a chat template."),
     ]

@@ -17,12 +17,13 @@ from trimdb.codecs import CODECS
 
 # Prompts paired with other responses: 48 distinct samples, enough tokens to train every codec.
 TINY_POOL = [(prompt, response) for (prompt, _), (_, response) in itertools.product(POOL, POOL[:4])]
-# pq is left out: FAISS trains it for minutes even on the tiny model's 64 dimensions.
-TINY_CODECS = [codec for codec in CODECS if codec != "pq"]
+TINY_CODECS = list(CODECS)
 
 
-@pytest.fixture
-def results(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_model_dir):
+    """Run every section once for the tests of this module."""
+    tmp_path = tmp_path_factory.mktemp("perf")
     pool = tmp_path / "pool"
     pool.mkdir()
     write_jsonl(pool / "pool.jsonl", TINY_POOL)

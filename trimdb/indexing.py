@@ -16,6 +16,7 @@ samples and never in scope.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -26,6 +27,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from trimdb.codecs import AUTO, bytes_per_vector, resolve_codec
 from trimdb.errors import InputError, RenderError, SettingsError, StorageError
 from trimdb.forward import attention_modules, encode
 from trimdb.models import check_identity, load_model
@@ -33,7 +35,6 @@ from trimdb.records import SkippedRecord, read_corpus
 from trimdb.render import TEMPLATE, RenderedSample, Renderer
 from trimdb.saliency import blend_saliency
 from trimdb.settings import IndexSettings
-from trimdb.codecs import bytes_per_vector
 from trimdb.segments import PendingSample, commit_segment, finish_index_run
 from trimdb.store import Store
 
@@ -114,9 +115,15 @@ def index_corpus(
 
     try:
         with Store(db_path, create=True) as store:
+            stored = store.catalog().get("index_settings")
+            if settings.codec == AUTO and stored is not None:
+                settings = dataclasses.replace(settings, codec=IndexSettings.from_dict(stored).codec)
             _check_catalog(store, identity, settings)
             store.remove_orphan_segments()
-            summary = _plan(store, reader, settings, identity)
+            summary = _plan(store, reader)
+            settings = dataclasses.replace(settings, codec=resolve_codec(settings.codec,
+                                                                         min(summary.n_tokens, segment_tokens)))
+            _check_disk(store, summary.n_tokens, settings, int(identity["hidden_size"]))
             run = {"run_id": store.next_id("runs", "run_id"), "arguments": arguments or {},
                    "settings": settings.to_dict(), "identity": identity}
             _stream(store, reader, loaded, settings, summary, run, segment_tokens, progress)
@@ -152,8 +159,8 @@ class _Reader:
             yield sample, rendered
 
 
-def _plan(store: Store, reader: _Reader, settings: IndexSettings, identity: dict) -> IndexSummary:
-    """Validate every record and count the work before any forward pass; check free disk space."""
+def _plan(store: Store, reader: _Reader) -> IndexSummary:
+    """Validate every record and count the work before any forward pass."""
     known = _known_sample_ids(store)
     seen: dict[str, str] = {}
     skipped: list[SkippedRecord] = []
@@ -176,7 +183,6 @@ def _plan(store: Store, reader: _Reader, settings: IndexSettings, identity: dict
     log.info("%d new samples (%d tokens, %d content tokens), %d already indexed, %d skipped (%d duplicates)",
              summary.n_samples, summary.n_forward_tokens, summary.n_tokens, summary.n_already_indexed,
              len(skipped), summary.n_duplicates)
-    _check_disk(store, summary.n_tokens, settings, int(identity["hidden_size"]))
     return summary
 
 

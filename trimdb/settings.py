@@ -98,8 +98,8 @@ class IndexSettings:
     batch_tokens: int = 8192
     # Render samples with the plain template even when the tokenizer has a chat template.
     plain_template: bool = False
-    # Vector codec of the stored token states (trimdb.codecs.CODECS).
-    codec: str = "float32"
+    # Vector codec of the stored token states (trimdb.codecs.CODECS), or "auto" (trimdb.codecs.resolve_codec).
+    codec: str = "auto"
 
     def validate(self) -> None:
         self.saliency.validate()

@@ -154,7 +154,7 @@ def measure_overhead(pool: Path, work: Path, *, dtype: str, model: str | None = 
     The lower forward time is the reference, so a slow moment in one repetition does not inflate
     the ratio.
     """
-    settings = IndexSettings(dtype=dtype, saliency=saliency)
+    settings = IndexSettings(dtype=dtype, saliency=saliency, codec="float32")
     started = time.perf_counter()
     loaded = load_model(model, dtype=dtype)
     load_seconds = time.perf_counter() - started
@@ -169,7 +169,7 @@ def measure_overhead(pool: Path, work: Path, *, dtype: str, model: str | None = 
     default_run = timed_index("saliency stored (default)", saliency_db, pool, settings, source_column, model)
     result.index_runs.append(default_run)
     result.forward_seconds.append(bare_forward(loaded, rendered, settings.batch_tokens))
-    no_saliency = IndexSettings(dtype=dtype, saliency=saliency, store_saliency=False)
+    no_saliency = IndexSettings(dtype=dtype, saliency=saliency, store_saliency=False, codec="float32")
     result.index_runs.append(timed_index("no saliency", plain_db, pool, no_saliency, source_column, model))
     remove_database(plain_db)
     return result, saliency_db
