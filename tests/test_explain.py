@@ -119,6 +119,18 @@ def test_explain_unknown_value_message(db, task, sample_id, run_id, message):
         explain_sample(db, task, sample_id, run_id)
 
 
+def test_explain_rejects_baseline_run(tmp_path, tiny_model_dir):
+    db = build_db(tmp_path, tiny_model_dir)
+    invoke_ok("query", "--db", db, "--task", f"math={tmp_path / 'math.jsonl'}", "--budget", "25%", "--method", "bm25")
+    sample_id = stored_scores(db)[0][0]
+    with pytest.raises(SettingsError, match="run 3 used --method bm25, which scores whole samples"):
+        explain_sample(db, "math", sample_id, 3)
+    report = write_report(db, "math", tmp_path / "report", run_id=3).read_text()
+    assert "ran the `bm25` baseline" in report
+    assert "fingerprints" not in report.split("\n\n", 3)[1]
+    assert "## Fingerprints" not in report
+
+
 def test_explain_cli_unknown_sample_exit_code(db):
     result = CliRunner().invoke(cli, ["explain", "--db", str(db), "--task", "math", "nope"])
     assert result.exit_code == 1

@@ -125,6 +125,7 @@ def explain_sample(
     """Recompute one sample's token and sample scores for ``task`` in a query run (default: the newest)."""
     with Store(db_path, read_only=True) as store:
         run_id = resolve_run(store, task, run_id)
+        _check_trim_run(store, run_id)
         settings = run_settings(store, run_id)
         sample_key, source = _find_sample(store, sample_id, task, run_id)
         tokens = _token_rows(store, sample_key)
@@ -142,6 +143,16 @@ def explain_sample(
                               stored, selected, n_scored, n_selected)
     _pool(explanation, top)
     return explanation
+
+
+def _check_trim_run(store: Store, run_id: int) -> None:
+    """Raise SettingsError when ``run_id`` ran a baseline, which has no token scores to explain."""
+    method = store.query("SELECT json_extract_string(settings, '$.method') FROM runs WHERE run_id = ?",
+                         [run_id]).fetchall()[0][0]
+    if method not in (None, "trim"):
+        raise SettingsError(
+            f"run {run_id} used --method {method}, which scores whole samples, so it has no token scores to "
+            "explain; pass --run with a TRIM run id (the runs table lists each run's settings)")
 
 
 def run_settings(store: Store, run_id: int) -> ScoreSettings:

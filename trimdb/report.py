@@ -174,6 +174,8 @@ class ReportData:
     source: np.ndarray
     selected: np.ndarray
     fingerprints: list[tuple]
+    # "trim", or the baseline that scored the run (query --method).
+    method: str = "trim"
 
 
 def write_report(
@@ -212,7 +214,7 @@ def _load_report_data(store: Store, task: str, run_id: int | None, top_fingerpri
         task, run_id, started_at, run_settings(store, run_id), json.loads(settings_json).get("budget"), task_row,
         stats.get("n_unscored"), np.asarray(columns["score"], np.float64), np.asarray(columns["n_tokens"], np.int64),
         np.asarray(columns["unseen_share"], np.float64), np.asarray(columns["source"], object),
-        np.asarray(columns["selected"], bool), fingerprints,
+        np.asarray(columns["selected"], bool), fingerprints, json.loads(settings_json).get("method") or "trim",
     )
 
 
@@ -302,8 +304,25 @@ def _source_mix(data: ReportData) -> list[tuple[str, int, float, int, float]]:
 
 
 def _markdown(data: ReportData) -> str:
-    sections = [_md_overview(data), _md_scores(data), _md_sources(data), _md_unseen(data), _md_fingerprints(data)]
+    if data.method != "trim":
+        sections = [_md_baseline_overview(data), _md_scores(data), _md_sources(data)]
+    else:
+        sections = [_md_overview(data), _md_scores(data), _md_sources(data), _md_unseen(data), _md_fingerprints(data)]
     return "\n\n".join(sections) + "\n"
+
+
+def _md_baseline_overview(data: ReportData) -> str:
+    row = data.task_row
+    return "\n".join([
+        f"# trimdb report: task {_md_code(data.task)}, run {data.run_id}",
+        "",
+        f"Query run {data.run_id} (started {data.started_at:%Y-%m-%d %H:%M} UTC) ran the {_md_code(data.method)} "
+        f"baseline against {row['n_targets']} target samples ({_md_code(row['target_path'])}), scored "
+        f"{row['n_scored']} pool samples and selected {row['n_selected']} (budget {_budget_text(data.budget)}).",
+        "",
+        "A baseline scores whole samples, so this report has no fingerprints and no unseen share, and its "
+        "scores are on the baseline's own scale. The unseen-share plot (unseen_share.png) does not apply to it.",
+    ])
 
 
 def _md_overview(data: ReportData) -> str:
