@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         per_source=250 if on_gpu else CPU_PER_SOURCE,
         scale_sizes=gpu_sizes(parse_size(args.max_vectors)) if on_gpu else [parse_size(s) for s in CPU_SIZES],
         pool=args.pool, targets=_target_files(args.targets) if args.targets else None,
+        # Records of a given pool may lack a source field; each file's name then names its source.
+        source_column=None if args.pool else "source",
         deadline=started + args.budget_seconds if on_gpu else None,
         keep_scale=faiss.get_num_gpus() > 0,
         layers=args.layers,

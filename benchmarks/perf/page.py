@@ -268,18 +268,20 @@ def _ann_scale_lines(points: list[ScalePoint]) -> list[str]:
     for point in measured:
         ann, query = point.ann, point.ann["query"]
         rows.append([f"{point.n_vectors:,}", f"{ann['build_seconds']:.1f}", f"{ann['bytes'] / 1e6:.1f} MB",
-                     f"{query['seconds']:.1f}", f"{query['scan_seconds']:.1f}", f"{point.query['scan_seconds']:.1f}",
+                     f"{query['seconds']:.1f}", f"{point.query['seconds']:.1f}", f"{query['scan_seconds']:.1f}",
+                     f"{point.query['scan_seconds']:.1f}",
+                     f"{point.query['scan_seconds'] / max(query['scan_seconds'], 1e-9):.1f}x",
                      f"{next(iter(query['n_scored'].values())):,}", _gb(query["peak_rss_bytes"])])
-    lines += _table(["stored vectors", "build_ann s", "summary index", "approximate query s",
-                     "candidate scan s", "exact scan s", "samples scored", "peak RSS"], rows)
+    lines += _table(["stored vectors", "build_ann s", "summary index", "approximate query s", "exact query s",
+                     "candidate scan s", "exact scan s", "scan speed-up", "samples scored", "peak RSS"], rows)
     return lines
 
 
 def render_page(results: Results) -> str:
     lines = [
         "# trimdb performance", "",
-        "Written by `python -m benchmarks.perf.run` (see benchmarks/README.md). Every figure below comes from "
-        "the run described in the next section; rerun the command to refresh it.", "",
+        "Written by the command in the next section (see benchmarks/README.md). Every figure below comes from "
+        "that run; rerun the command to refresh it.", "",
     ]
     lines += machine_section(results)
     lines += overhead_section(results)

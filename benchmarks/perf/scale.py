@@ -88,12 +88,13 @@ def run_child_query(db_path: Path, task: str, target: Path, budget: str = "5%", 
 
 
 def measure_scale(folder: Path, sizes: list[int], spec: SyntheticSpec, task: str, target: Path,
-                  ann_sizes: int = 1, layers: int | None = None, deadline: float | None = None,
-                  notes: list[str] | None = None, keep: bool = False) -> list[ScalePoint]:
+                  ann_sizes: int = 1, ann_largest: bool = True, layers: int | None = None,
+                  deadline: float | None = None, notes: list[str] | None = None,
+                  keep: bool = False) -> list[ScalePoint]:
     """Grow one synthetic store through ``sizes`` and query it after each; delete it unless ``keep``.
 
-    At the ``ann_sizes`` smallest sizes the sample-summary index is built too and an approximate
-    query runs after the exact one. With ``deadline`` (a time.perf_counter() value), a size whose
+    At the ``ann_sizes`` smallest sizes, and at the largest size measured when ``ann_largest``, the
+    sample-summary index is built too and an approximate query runs after the exact one. With ``deadline`` (a time.perf_counter() value), a size whose
     projected build and query time would end after it is skipped, with a line in ``notes``.
     """
     db_path = folder / "synthetic.duckdb"
@@ -116,6 +117,8 @@ def measure_scale(folder: Path, sizes: list[int], spec: SyntheticSpec, task: str
                 points[-1].ann = measure_ann_point(db_path, task, target, layers)
             log.info("scale %d vectors: build %.1f s, query %.1f s (scan %.1f s), peak RSS %.2f GB", size, build,
                      report["seconds"], report["scan_seconds"], report["peak_rss_bytes"] / 1e9)
+        if ann_largest and points and points[-1].ann is None:
+            points[-1].ann = measure_ann_point(db_path, task, target, layers)
     finally:
         if not keep:
             db_path.unlink(missing_ok=True)

@@ -3,9 +3,9 @@
 The vectors are synthetic: standard normal draws (seeded per segment) scaled to unit length.
 Every sample has 200 to 400 tokens (about 300), random token classes in [0, vocab_size), prompt
 tokens first and response tokens after them. The store has the same tables and files as one that
-`trimdb index` writes: vector segments through Store.write_segment, token and sample rows through
-Store.insert_arrow, and the catalog copied from a real index, so `trimdb query` runs on it
-unchanged and its target forward pass uses the real model named in that catalog.
+`trimdb index` writes. Vector segments go through Store.write_segment, token and sample rows
+through Store.insert_arrow, and the catalog is copied from a real index. `trimdb query` therefore
+runs on it unchanged, and its target forward pass uses the real model named in that catalog.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ SYNTHETIC_SOURCE = "synthetic"
 
 @dataclass
 class SyntheticSpec:
-    """What a synthetic store contains, apart from its size."""
+    """Contents of a synthetic store apart from its size: catalog, codec, seed and vocabulary."""
 
     catalog: dict
     codec: str

@@ -14,7 +14,7 @@ def record_calls(module, name: str, durations: list[float]) -> Iterator[list[flo
     """Append the duration of every call of ``module.name`` to ``durations`` while the context is open.
 
     The wrapper calls the original function with the same arguments and returns its result, so
-    the library runs unchanged; only the wall time around each call is recorded.
+    the library runs unchanged. Only the wall time around each call is recorded.
     """
     original = getattr(module, name, None)
     if original is None:
