@@ -20,8 +20,10 @@ from benchmarks.perf.machine import describe_machine
 from benchmarks.quality.data import Dataset, extract_task_files, final_number, is_related, user_key
 from benchmarks.quality.methods import available_methods
 from benchmarks.quality.metrics import relevance
-from benchmarks.quality.pipeline import Config, run_benchmark
-from benchmarks.quality.run import QUICK_POOL, write_results
+from benchmarks.quality.pipeline import (
+    ABLATION_GROUPS, Config, ablation_settings, combine_winners, group_winner, run_benchmark,
+)
+from benchmarks.quality.run import QUICK_POOL, make_config, write_results
 from benchmarks.quality.training import TrainSettings
 from trimdb.settings import IndexSettings, SaliencySettings, ScoreSettings
 
@@ -154,3 +156,34 @@ def test_extract_task_files_keeps_task_json(tmp_path):
     count = extract_task_files(archive, tmp_path / "tasks")
     assert count == 1
     assert (tmp_path / "tasks" / "alpha" / "task.json").read_bytes() == b'{"examples": []}'
+
+
+@pytest.mark.parametrize("mode, warmup, accuracy", [("quick", False, 0), ("full", True, 24), ("long", True, 24)])
+def test_make_config_modes(tmp_path, mode, warmup, accuracy):
+    config = make_config(mode, tmp_path)
+    assert config.warmup_ablation is warmup
+    assert config.n_accuracy == accuracy
+    assert config.full_pool_training is (mode == "long")
+
+
+def _rows(**means):
+    return {name: {"mean": {"0.05": value, "0.01": value}} for name, value in means.items()}
+
+
+def test_group_winner_prefers_default_on_ties():
+    rows = _rows(default=0.5, **{"λ = 0.25": 0.5, "λ = 1.0": 0.4})
+    assert group_winner(ABLATION_GROUPS["unseen penalty λ"], rows) == "default"
+    assert group_winner(ABLATION_GROUPS["scope"], rows) is None
+
+
+def test_combine_winners_applies_each_winning_change():
+    base = ScoreSettings()
+    variants = ablation_settings(base, (1, 2, 8), num_layers=30)
+    rows = _rows(**{name: 0.5 for name in variants})
+    rows["λ = 1.0"]["mean"] = {"0.05": 0.6, "0.01": 0.6}
+    assert combine_winners(base, variants, rows) is None  # one winner is that variant itself
+    rows["saliency column only"]["mean"] = {"0.05": 0.7, "0.01": 0.7}
+    combined = combine_winners(base, variants, rows)
+    assert combined.unseen_penalty == 1.0
+    assert (combined.saliency.row_weight, combined.saliency.column_weight) == (0.0, 1.0)
+    assert combined.saliency.layers == base.saliency.layers and combined.scope == base.scope

@@ -268,10 +268,15 @@ def remove_overlaps(dataset: Dataset, n_eval: int) -> None:
     protected = {user_key(r) for records in dataset.targets.values() for r in records}
     pool_keys = {user_key(r) for r in dataset.pool}
     for task, records in dataset.evals.items():
-        clean = [r for r in records if user_key(r) not in protected and user_key(r) not in pool_keys]
-        if len(clean) < len(records):
-            dataset.notes.append(f"{task}: {len(records) - len(clean)} evaluation items dropped because their "
-                                 "text is in the pool or the targets.")
+        not_target = [r for r in records if user_key(r) not in protected]
+        clean = [r for r in not_target if user_key(r) not in pool_keys]
+        if len(not_target) < len(records):
+            dataset.notes.append(f"{task}: {len(records) - len(not_target)} evaluation items dropped because their "
+                                 "text equals a target's (BBH's logical_deduction and tracking_shuffled_objects "
+                                 "sub-tasks share exemplars).")
+        if len(clean) < len(not_target):
+            dataset.notes.append(f"{task}: {len(not_target) - len(clean)} evaluation items dropped because their "
+                                 "text is in the pool.")
         dataset.evals[task] = clean[:n_eval]
     protected |= {user_key(r) for records in dataset.evals.values() for r in records}
     before = len(dataset.pool)

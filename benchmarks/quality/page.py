@@ -6,18 +6,9 @@ import math
 from pathlib import Path
 
 from benchmarks.quality.data import RELATED
-from benchmarks.quality.pipeline import BUDGETS, DOWNSTREAM_BUDGET
+from benchmarks.quality.pipeline import ABLATION_GROUPS, BUDGETS, COMBINED, DOWNSTREAM_BUDGET, group_winner
 
 # Ablation variants grouped by the setting they change; the page names the best of each group.
-ABLATION_GROUPS = {
-    "row saliency": ("default", "row saliency inverse"),
-    "layers L": ("default", "L = 1", "L = 2", "L = 8"),
-    "unseen penalty λ": ("λ = 0.25", "default", "λ = 1.0"),
-    "scope": ("default", "scope response", "scope prompt"),
-    "pooling (mean, max)": ("default", "pooling mean only", "pooling max only"),
-    "saliency blend (row, column)": ("default", "saliency row only", "saliency column only"),
-    "warmup": ("default", "with warmup"),
-}
 DEFAULT_NAMES = {
     "row saliency": "normalized", "layers L": "L = 4", "unseen penalty λ": "λ = 0.5", "scope": "all",
     "pooling (mean, max)": "0.5, 0.5", "saliency blend (row, column)": "0.5, 0.5", "warmup": "no warmup",
@@ -97,6 +88,9 @@ def _headline(results: dict) -> list[str]:
     rows = []
     for label, per_target in results["relevance"].items():
         rows.append([label] + [percent(per_target[t][str(b)]["share"]) for t in targets for b in BUDGETS])
+    combined = (results.get("ablations") or {}).get(COMBINED)
+    if combined:
+        rows.insert(1, [f"trim: {COMBINED}"] + [percent(combined[t][str(b)]) for t in targets for b in BUDGETS])
     first = next(iter(results["relevance"].values()))
     rows.append(["pool base rate (random expectation)"]
                 + [percent(first[t][str(b)]["base_rate"]) for t in targets for b in BUDGETS])
@@ -105,7 +99,9 @@ def _headline(results: dict) -> list[str]:
     sizes = ", ".join(f"{percent(b)} = {first[targets[0]][str(b)]['n']} samples" for b in BUDGETS)
     return ["## Headline: relevance of each coreset", "",
             f"Share of the coreset from sources labelled related to the target (labels below). Pool of "
-            f"{results['pool']['n']} samples; {sizes}.", ""] + table(header, rows) + [""]
+            f"{results['pool']['n']} samples; {sizes}."
+            + (f" `trim: {COMBINED}` takes the winner of each ablation group below at once." if combined else ""),
+            ""] + table(header, rows) + [""]
 
 
 def _downstream(results: dict) -> list[str]:
@@ -233,25 +229,34 @@ def _ablations(results: dict) -> list[str]:
     rows = [[name] + [percent(row[t][str(b)]) for t in targets for b in BUDGETS]
             + [percent(row["mean"][str(b)]) for b in BUDGETS] for name, row in ablations.items()]
     lines = ["## Ablations of TRIM's settings", "",
-             "Relevance of TRIM's coresets when one setting changes from the defaults (L = 4, normalized row "
-             "saliency, λ = 0.5, scope all, pooling 0.5 mean + 0.5 max, saliency blend 0.5 row + 0.5 column, no "
-             "warmup). The warmup variant indexes the pool again with a `trimdb warmup` adapter (cpu preset, 5% of "
-             "the pool).", ""] + table(header, rows) + ["", "Best setting per group (by mean relevance at 5%, then "
-                                                        "at 1%; the default wins ties):", ""]
+             "Relevance of TRIM's coresets when one setting changes from the settings of the headline table ("
+             f"{_settings_text(results['config']['base_settings'])}, no warmup). The warmup variant indexes the pool again with a `trimdb warmup` adapter (cpu preset, 5% of "
+             "the pool).", ""] + table(header, rows) + ["", "Best setting per group (by mean relevance averaged "
+                                                        "over the 1% and 5% budgets; the default wins ties):", ""]
     for group, names in ABLATION_GROUPS.items():
-        present = [name for name in names if name in ablations]
-        if len(present) < 2:
+        best = group_winner(names, ablations)
+        if best is None:
             continue
-        best = max(present, key=lambda n: (round(ablations[n]["mean"]["0.05"], 6),
-                                           round(ablations[n]["mean"]["0.01"], 6), n == "default"))
         winner = f"{DEFAULT_NAMES[group]} (default)" if best == "default" else best
         lines.append(f"- {group}: **{winner}** ({percent(ablations[best]['mean']['0.05'])} at 5%, "
                      f"{percent(ablations[best]['mean']['0.01'])} at 1%)")
+    if COMBINED in ablations:
+        lines += ["", f"`{COMBINED}` applies every group's winner above at once (warmup excepted): "
+                  f"{_settings_text(ablations[COMBINED]['settings'])}."]
+    if "with warmup" not in ablations:
+        lines += ["", "The warmup variant is not part of this mode (the full modes run it)."]
     warm = ablations.get("with warmup")
     if warm:
         lines += ["", f"Warmup cost: {warm['warmup_seconds']:.0f} s of training and {warm['index_seconds']:.0f} s "
                   "to index the pool again with the adapter."]
     return lines + [""]
+
+
+def _settings_text(settings: dict) -> str:
+    saliency = settings["saliency"]
+    return (f"L = {saliency['layers']}, {saliency['row_saliency']} row saliency, λ = {settings['unseen_penalty']}, "
+            f"scope {settings['scope']}, pooling {settings['mean_weight']} mean + {settings['max_weight']} max, "
+            f"saliency blend {saliency['row_weight']} row + {saliency['column_weight']} column")
 
 
 def _notes(results: dict, plots: dict[str, str]) -> list[str]:
@@ -260,7 +265,10 @@ def _notes(results: dict, plots: dict[str, str]) -> list[str]:
     for method in ("random", "bm25", "embedding", "less"):
         if method in methods.get("available", []):
             continue
-        if method in methods.get("offered", []):
+        if method == "less" and method in methods.get("offered", []):
+            lines.append("- less: not run, because on a CPU it costs a forward and a backward pass per pool sample "
+                         "and query (several index passes); add it with `--methods trim,random,bm25,embedding,less`.")
+        elif method in methods.get("offered", []):
             lines.append(f"- {method}: not run in this mode; add it with `--methods`.")
         else:
             lines.append(f"- {method}: not available in this trimdb version.")

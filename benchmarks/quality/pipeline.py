@@ -12,6 +12,7 @@ Stages, in order:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import resource
@@ -59,6 +60,20 @@ class Config:
     # TRIM's settings in the headline table; every ablation changes one of them.
     base_settings: ScoreSettings = field(default_factory=ScoreSettings)
     progress: bool = False
+
+
+# Ablation variants by the setting they change; every group also contains "default".
+ABLATION_GROUPS = {
+    "row saliency": ("default", "row saliency inverse"),
+    "layers L": ("default", "L = 1", "L = 2", "L = 8"),
+    "unseen penalty λ": ("λ = 0.25", "default", "λ = 1.0"),
+    "scope": ("default", "scope response", "scope prompt"),
+    "pooling (mean, max)": ("default", "pooling mean only", "pooling max only"),
+    "saliency blend (row, column)": ("default", "saliency row only", "saliency column only"),
+    "warmup": ("default", "with warmup"),
+}
+# The variant that takes every group's winner at once (warmup excepted: it needs its own index).
+COMBINED = "combined winners"
 
 
 def ablation_settings(base: ScoreSettings, layer_values: tuple[int, ...], num_layers: int) -> dict[str, ScoreSettings]:
@@ -242,12 +257,52 @@ def stage_ablations(bench: Benchmark) -> None:
             ranking, seconds = read_rankings(bench.index.db, run.run_id), run.seconds
         rankings[name] = (ranking, bench.pool)
         table[name] = _ablation_row(ranking, bench.pool, seconds)
+    combined = combine_winners(config.base_settings, variants, table)
+    if combined is not None:
+        run = run_method(bench.index.db, bench.targets, f"trim: {COMBINED}", "trim", settings=combined,
+                         progress=config.progress)
+        ranking = read_rankings(bench.index.db, run.run_id)
+        rankings[COMBINED] = (ranking, bench.pool)
+        table[COMBINED] = _ablation_row(ranking, bench.pool, run.seconds) | {"settings": combined.to_dict()}
     if config.warmup_ablation:
         ranking, pool, row = _warmup_ablation(bench)
         rankings["with warmup"] = (ranking, pool)
         table["with warmup"] = row
     bench.results["ablations"] = table
     bench.ablation_rankings = rankings
+
+
+def group_winner(names: tuple[str, ...], rows: dict) -> str | None:
+    """Return the best variant of one group by mean relevance averaged over both budgets; the default wins ties.
+
+    Both budgets count alike: a setting that gains at 5% but loses its 1% coreset is no winner.
+    Returns None when fewer than two of the group's variants ran.
+    """
+    present = [name for name in names if name in rows]
+    if len(present) < 2:
+        return None
+    return max(present, key=lambda n: (round(sum(rows[n]["mean"][str(b)] for b in BUDGETS) / len(BUDGETS), 6),
+                                       n == "default"))
+
+
+def combine_winners(base: ScoreSettings, variants: dict[str, ScoreSettings], rows: dict) -> ScoreSettings | None:
+    """Return ``base`` with the change of every group's winning variant, or None when fewer than two won.
+
+    The groups change disjoint fields, so the changes apply one after another.
+    """
+    winners = [group_winner(names, rows) for group, names in ABLATION_GROUPS.items() if group != "warmup"]
+    winners = [name for name in winners if name not in (None, "default")]
+    if len(winners) < 2:
+        return None
+    combined = base
+    for name in winners:
+        changed = variants[name]
+        saliency = {key: value for key, value in dataclasses.asdict(changed.saliency).items()
+                    if value != getattr(base.saliency, key)}
+        fields = {key: getattr(changed, key) for key in ("scope", "unseen_penalty", "mean_weight", "max_weight")
+                  if getattr(changed, key) != getattr(base, key)}
+        combined = dataclasses.replace(combined, saliency=dataclasses.replace(combined.saliency, **saliency), **fields)
+    return combined
 
 
 def _ablation_row(ranking: dict[str, list[str]], pool: dict[str, dict], seconds: float) -> dict:
@@ -310,18 +365,34 @@ def stage_downstream(bench: Benchmark) -> None:
 
 
 def _evaluation(config: Config, records: list[dict], adapter, target: str) -> dict:
+    """Evaluate the model with ``adapter`` on ``records``, or reuse the cached result for the same inputs.
+
+    Adapters live in folders named by a hash of their training inputs, so the folder name stands
+    for the adapter in the cache key.
+    """
     n_accuracy = config.n_accuracy if target == "gsm8k" else 0
-    result = evaluate(records, config.model, adapter, config.train, n_accuracy, config.max_new_tokens)
-    return dataclasses.asdict(result)
+    inputs = {"records": records, "adapter": adapter.name if adapter else None, "model": config.model,
+              "train": dataclasses.asdict(config.train), "n_accuracy": n_accuracy,
+              "max_new_tokens": config.max_new_tokens}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    cached = config.work / "evaluations" / f"{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    result = dataclasses.asdict(evaluate(records, config.model, adapter, config.train, n_accuracy,
+                                         config.max_new_tokens))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(result))
+    return result
 
 
 def _top_ablations(bench: Benchmark) -> list[tuple[str, dict]]:
-    """Return the best non-default ablation variants by mean relevance at 5%, for the downstream test."""
+    """Return the combined winners, then the best other ablation variants by mean relevance over both
+    budgets, for the downstream test."""
     count = bench.config.downstream_ablations
     if count <= 0:
         return []
     rows = bench.results["ablations"]
     ranked = sorted((name for name in rows if name != "default"),
-                    key=lambda name: -rows[name]["mean"][str(DOWNSTREAM_BUDGET)])
+                    key=lambda name: (name != COMBINED, -sum(rows[name]["mean"][str(b)] for b in BUDGETS)))
     # The warmup variant is ranked on its own index, whose sample ids are the same pool's.
     return [(f"trim: {name}", bench.ablation_rankings[name][0]) for name in ranked[:count]]

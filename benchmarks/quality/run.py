@@ -9,11 +9,13 @@ coreset lengths and ablations of TRIM's settings (benchmarks/quality/pipeline.py
 stages). The index and the adapters are cached in the working folder between runs.
 
 Modes:
-- ``--quick``: a pool of about 600, a few training steps and no accuracy, meant to finish in under
-  15 minutes on 2 idle CPU cores;
+- ``--quick``: a pool of about 600, a few training steps, no accuracy and no warmup ablation,
+  meant to finish in under 15 minutes on 2 idle CPU cores (11 minutes from an empty working
+  folder in the recorded check);
 - full (the default): a pool of about 3,000, GSM8K accuracy, and the downstream test of the best
   ablations, meant for 100 minutes on 2 CPU cores;
 - ``--long``: the full mode plus fine-tuning on the whole pool, meant for a GPU.
+On a CPU, LESS runs only when ``--methods`` names it (see CPU_METHODS).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import os
 import shlex
 import sys
 from pathlib import Path
+
+import torch
 
 from benchmarks.perf.machine import describe_machine
 from benchmarks.quality.data import PoolSpec
@@ -45,27 +49,36 @@ DEFAULT_OUT = Path("benchmarks/results/quality.md")
 # One record from each of 200 OpenAI-evals sets spreads the evals part over many related sets.
 QUICK_POOL = PoolSpec(sharegpt=120, evals=200, humaneval=80, gsm8k_in_pool=50, hellaswag=100, truthfulqa=100,
                       bigbench=100, evals_per_set=1, bigbench_per_task=5, max_chars=1200, n_eval=10)
-# About 3,000 samples (3,100 with BIG-bench) of at most 2,000 characters.
-FULL_POOL = PoolSpec(sharegpt=1850, evals=900, humaneval=164, gsm8k_in_pool=60, hellaswag=100, truthfulqa=100,
-                     bigbench=600, bigbench_per_task=10, max_chars=2000, n_eval=40)
+# About 3,100 samples (3,700 with BIG-bench) of at most 1,500 characters, about 625 k tokens with
+# the chat template: 12 minutes per index pass on 2 idle cores in the recorded run.
+FULL_POOL = PoolSpec(sharegpt=1950, evals=900, humaneval=164, gsm8k_in_pool=60, hellaswag=100, truthfulqa=100,
+                     bigbench=600, bigbench_per_task=10, max_chars=1500, n_eval=32)
 # Candidate saliency is stored for inspection only and scores never read it, so the index skips it.
-QUICK_INDEX = IndexSettings(dtype="bfloat16", max_length=512, batch_tokens=4096, store_saliency=False)
-FULL_INDEX = IndexSettings(dtype="bfloat16", max_length=1024, batch_tokens=8192, store_saliency=False)
+# float32 vectors keep every method's scores exact.
+QUICK_INDEX = IndexSettings(dtype="bfloat16", max_length=512, batch_tokens=4096, store_saliency=False,
+                            codec="float32")
+FULL_INDEX = IndexSettings(dtype="bfloat16", max_length=1024, batch_tokens=8192, store_saliency=False,
+                           codec="float32")
 QUICK_TRAIN = TrainSettings(epochs=2, max_steps=4, batch_tokens=1024, max_length=512)
-FULL_TRAIN = TrainSettings(epochs=1, max_steps=12, batch_tokens=2048, max_length=1024)
+FULL_TRAIN = TrainSettings(epochs=1, max_steps=8, batch_tokens=2048, max_length=1024)
 
 
-# LESS runs a forward and a backward pass per pool sample, about 3 index passes, so --quick leaves
-# it out unless --methods names it.
-QUICK_METHODS = ("trim", "random", "bm25", "embedding")
+# LESS runs a forward and a backward pass per pool sample and query. On the quick pool it ran for
+# over 1,100 CPU seconds without finishing, against about 300 for the whole index pass, so the CPU
+# modes leave it out unless --methods names it; with a CUDA GPU every mode runs it.
+CPU_METHODS = ("trim", "random", "bm25", "embedding")
 
 
 def make_config(mode: str, work: Path) -> Config:
     """Return the configuration of a mode: quick, full or long."""
+    methods = None if torch.cuda.is_available() else CPU_METHODS
     if mode == "quick":
+        # The warmup ablation trains an adapter and indexes the pool a second time (about 3.5 of the
+        # quick mode's minutes), so only the full modes run it.
         return Config(mode, work, QUICK_POOL, QUICK_INDEX, QUICK_TRAIN, n_accuracy=0, downstream_ablations=0,
-                      methods=QUICK_METHODS)
-    config = Config(mode, work, FULL_POOL, FULL_INDEX, FULL_TRAIN, n_accuracy=30, downstream_ablations=3)
+                      methods=methods, warmup_ablation=False)
+    config = Config(mode, work, FULL_POOL, FULL_INDEX, FULL_TRAIN, n_accuracy=24, downstream_ablations=2,
+                    methods=methods)
     if mode == "long":
         config = dataclasses.replace(config, full_pool_training=True)
     return config
@@ -100,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results page (default {DEFAULT_OUT})")
     parser.add_argument("--no-bigbench", action="store_true", help="leave BIG-bench out of the pool")
     parser.add_argument("--methods", help="comma-separated selection methods to run (trim always runs; default: "
-                        f"{','.join(QUICK_METHODS)} with --quick, else every method this trimdb offers)")
+                        f"{','.join(CPU_METHODS)} on a CPU, every method this trimdb offers with a CUDA GPU)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--note", action="append", default=[], help="a line for the page's notes (repeatable)")
     parser.add_argument("--render-only", action="store_true",
