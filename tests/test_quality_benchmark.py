@@ -23,6 +23,7 @@ from benchmarks.quality.metrics import relevance
 from benchmarks.quality.pipeline import (
     ABLATION_GROUPS, Config, ablation_settings, combine_winners, group_winner, run_benchmark,
 )
+from benchmarks.quality.page import changed_defaults, default_names
 from benchmarks.quality.run import QUICK_POOL, make_config, write_results
 from benchmarks.quality.training import TrainSettings
 from trimdb.settings import IndexSettings, SaliencySettings, ScoreSettings
@@ -180,10 +181,16 @@ def test_combine_winners_applies_each_winning_change():
     base = ScoreSettings()
     variants = ablation_settings(base, (1, 2, 8), num_layers=30)
     rows = _rows(**{name: 0.5 for name in variants})
-    rows["λ = 1.0"]["mean"] = {"0.05": 0.6, "0.01": 0.6}
+    rows["λ = 0.5"]["mean"] = {"0.05": 0.6, "0.01": 0.6}
     assert combine_winners(base, variants, rows) is None  # one winner is that variant itself
     rows["saliency column only"]["mean"] = {"0.05": 0.7, "0.01": 0.7}
     combined = combine_winners(base, variants, rows)
-    assert combined.unseen_penalty == 1.0
+    assert combined.unseen_penalty == 0.5
     assert (combined.saliency.row_weight, combined.saliency.column_weight) == (0.0, 1.0)
     assert combined.saliency.layers == base.saliency.layers and combined.scope == base.scope
+
+
+def test_page_lists_changed_defaults():
+    assert changed_defaults(ScoreSettings().to_dict()) == []
+    assert changed_defaults(ScoreSettings(unseen_penalty=0.5).to_dict()) == ["unseen_penalty: now 1.0, this run 0.5"]
+    assert default_names(ScoreSettings().to_dict())["unseen penalty λ"] == "λ = 1.0"

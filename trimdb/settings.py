@@ -60,9 +60,10 @@ class ScoreSettings:
     saliency: SaliencySettings = field(default_factory=SaliencySettings)
     # Tokens counted in both stages: "all" is prompt and response content, never template tokens.
     scope: str = "all"
-    # Penalty on the nearest fingerprint for a token class the target never shows; 0.5 halves
-    # the credit of a near match, the default the method fixes.
-    unseen_penalty: float = 0.5
+    # Factor on the nearest fingerprint for a token class the target never shows. The method's
+    # 0.5 halves that credit, but 1.0 (no penalty) gave the most related coresets for every target
+    # and budget in the quality benchmark's ablations (benchmarks/results/quality.md).
+    unseen_penalty: float = 1.0
     # Sample score = mean_weight * mean token score + max_weight * max token score.
     mean_weight: float = 0.5
     max_weight: float = 0.5

@@ -27,7 +27,7 @@ from benchmarks.quality.methods import (
 )
 from benchmarks.quality.metrics import coreset_lengths, index_flops, length_stats, query_flops, relevance, source_mix
 from benchmarks.quality.training import TrainSettings, evaluate, fine_tune
-from trimdb.models import load_model
+from trimdb.models import WARMUP_RECORD, load_model
 from trimdb.settings import IndexSettings, SaliencySettings, ScoreSettings
 from trimdb.warmup import resolve_settings, warmup
 
@@ -66,12 +66,14 @@ class Config:
 ABLATION_GROUPS = {
     "row saliency": ("default", "row saliency inverse"),
     "layers L": ("default", "L = 1", "L = 2", "L = 8"),
-    "unseen penalty λ": ("λ = 0.25", "default", "λ = 1.0"),
+    "unseen penalty λ": ("λ = 0.25", "λ = 0.5", "default", "λ = 1.0"),
     "scope": ("default", "scope response", "scope prompt"),
     "pooling (mean, max)": ("default", "pooling mean only", "pooling max only"),
     "saliency blend (row, column)": ("default", "saliency row only", "saliency column only"),
     "warmup": ("default", "with warmup"),
 }
+# Values of the unseen-class penalty that the ablations try, besides the base setting's.
+UNSEEN_PENALTIES = (0.25, 0.5, 1.0)
 # The variant that takes every group's winner at once (warmup excepted: it needs its own index).
 COMBINED = "combined winners"
 
@@ -84,9 +86,10 @@ def ablation_settings(base: ScoreSettings, layer_values: tuple[int, ...], num_la
     for layers in layer_values:
         if layers <= num_layers and layers != default_saliency.layers:
             variants[f"L = {layers}"] = saliency(layers=layers)
+    for penalty in UNSEEN_PENALTIES:
+        if penalty != base.unseen_penalty:
+            variants[f"λ = {penalty}"] = dataclasses.replace(base, unseen_penalty=penalty)
     variants |= {
-        "λ = 0.25": dataclasses.replace(base, unseen_penalty=0.25),
-        "λ = 1.0": dataclasses.replace(base, unseen_penalty=1.0),
         "scope response": dataclasses.replace(base, scope="response"),
         "scope prompt": dataclasses.replace(base, scope="prompt"),
         "pooling mean only": dataclasses.replace(base, mean_weight=1.0, max_weight=0.0),
@@ -319,10 +322,10 @@ def _warmup_ablation(bench: Benchmark):
     adapter = config.work / "warmup-adapter"
     preset_name, settings = resolve_settings("cpu", dtype=config.index.dtype, max_length=config.index.max_length,
                                              seed=config.train.seed)
-    started = time.perf_counter()
-    if not (adapter / "trimdb-warmup.json").exists():
+    if not (adapter / WARMUP_RECORD).exists():
         warmup([bench.pool_path], adapter, model=config.model, settings=settings, progress=config.progress)
-    warmup_seconds = time.perf_counter() - started
+    # The adapter's record keeps the training time, which a rerun that reuses the adapter reports too.
+    warmup_seconds = json.loads((adapter / WARMUP_RECORD).read_text())["seconds"]
     index = ensure_index(config.work / "pool-warmup.duckdb", bench.pool_path, config.index, model=config.model,
                          adapter=str(adapter), progress=config.progress)
     run = run_method(index.db, bench.targets, "trim: with warmup", "trim", settings=config.base_settings,
