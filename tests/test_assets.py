@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -403,13 +402,16 @@ def test_default_model_dir_logits_match_gguf(model_dir):
 
 
 @pytest.mark.integration
-def test_default_model_dir_reloads_fast(model_dir):
+def test_default_model_dir_is_safetensors(model_dir):
     from transformers import AutoModelForCausalLM
 
-    start = time.perf_counter()
-    AutoModelForCausalLM.from_pretrained(model_dir)
-    # Loading the GGUF file took 13 to 20 s, and the converted folder loaded in 0.2 s.
-    assert time.perf_counter() - start < 2.0
+    # The converted folder loads from safetensors (0.2 s in a recorded check) instead of parsing
+    # the GGUF file again (13 to 20 s); the load time itself is not asserted, since shared CI
+    # machines vary too much for a timed unit test.
+    assert (model_dir / "model.safetensors").is_file()
+    assert not list(model_dir.glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.num_hidden_layers == 30
 
 
 @pytest.mark.integration

@@ -39,8 +39,8 @@ PQ_POINTS_PER_CENTROID = 64
 
 # The default codec "auto" resolves when an index is created: sq8 when the first segment has at
 # least AUTO_MIN_VECTORS vectors to train on, else float32 (an index that small costs little disk).
-# sq8 keeps every float32 selection on the demo pool at a quarter of the bytes; no codec at an eighth
-# keeps 95% of them (benchmarks/results/perf.md, section 3).
+# On the demo pool sq8 keeps at least 97.8% of each float32 5% coreset at a quarter of the bytes,
+# and no codec at an eighth keeps 95% (benchmarks/results/perf.md, section 3).
 AUTO = "auto"
 AUTO_CODEC = "sq8"
 AUTO_MIN_VECTORS = 65_536

@@ -227,6 +227,9 @@ class Store:
         if segment_id not in self._open_segments:
             segment = next(s for s in self.segments() if s.segment_id == segment_id)
             index = self.open_segment(segment)
+            # An open segment can hold all of its codes in memory (FAISS maps only some index types
+            # from disk), so one segment stays open at a time. Ascending reads open each one once.
+            self._open_segments.clear()
             self._open_segments[segment_id] = (index, faiss.downcast_index(index.index))
         return self._open_segments[segment_id][1].reconstruct_n(first_key - first, count)
 
