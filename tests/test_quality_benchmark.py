@@ -187,7 +187,8 @@ def test_combine_winners_applies_each_winning_change():
     combined = combine_winners(base, variants, rows)
     assert combined.unseen_penalty == 0.5
     assert (combined.saliency.row_weight, combined.saliency.column_weight) == (0.0, 1.0)
-    assert combined.saliency.layers == base.saliency.layers and combined.scope == base.scope
+    assert combined.saliency.layers == base.saliency.layers
+    assert combined.scope == base.scope
 
 
 def test_page_lists_changed_defaults():

@@ -43,7 +43,7 @@ def test_unseen_class_takes_penalized_nearest():
     assert unseen.tolist() == [False, True, False]
 
 
-def test_score_tokens_multiplies_only_unseen_tokens_with_every_fingerprint():
+def test_score_tokens_full_product_for_unseen_only():
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((3000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

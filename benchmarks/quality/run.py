@@ -64,8 +64,8 @@ FULL_TRAIN = TrainSettings(epochs=1, max_steps=8, batch_tokens=2048, max_length=
 
 
 # LESS runs a forward and a backward pass per pool sample and query. On the quick pool it ran for
-# over 1,100 CPU seconds without finishing, against about 300 for the whole index pass, so the CPU
-# modes leave it out unless --methods names it; with a CUDA GPU every mode runs it.
+# over 1,100 CPU seconds without finishing, against about 300 for the whole index pass. So the CPU
+# modes leave it out unless --methods names it, and with a CUDA GPU every mode runs it.
 CPU_METHODS = ("trim", "random", "bm25", "embedding")
 
 
