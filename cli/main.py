@@ -1,7 +1,8 @@
-"""The `trimdb` command group: logging set-up and the translation of library errors."""
+"""The `trimdb` command group: lazy command loading, logging set-up and the translation of library errors."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -10,9 +11,35 @@ import click
 from trimdb import __version__
 from trimdb.errors import TrimdbError
 
+# Each command's module loads when the command runs, so `trimdb sql` and `trimdb info` skip the
+# seconds that torch takes to import. `trimdb --help` loads them all for their one-line help.
+COMMANDS = {
+    "warmup": "cli.warmup_command:warmup",
+    "index": "cli.index_command:index",
+    "query": "cli.query_command:query",
+    "sql": "cli.sql_command:sql",
+    "export": "cli.sql_command:export",
+    "migrate": "cli.sql_command:migrate",
+    "compact": "cli.sql_command:compact",
+    "merge": "cli.sql_command:merge",
+    "ann": "cli.sql_command:ann",
+    "info": "cli.info_command:info",
+    "explain": "cli.explain_command:explain",
+    "report": "cli.explain_command:report",
+}
+
 
 class TrimdbGroup(click.Group):
-    """A group that turns trimdb's own exceptions into one-line errors with exit code 1."""
+    """A group that loads its commands on first use and turns trimdb's own exceptions into one-line errors."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -37,25 +64,12 @@ def cli(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("trimdb").setLevel(level)
-    # transformers draws a bar for every weight load; trimdb draws its own for long work.
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
 
 
-def _register() -> None:
-    from cli.explain_command import explain, report
-    from cli.index_command import index
-    from cli.info_command import info
-    from cli.query_command import query
-    from cli.sql_command import ann, compact, export, merge, migrate, sql
-    from cli.warmup_command import warmup
-
-    for command in (warmup, index, query, sql, export, migrate, compact, merge, ann, info, explain, report):
-        cli.add_command(command)
-
-
-_register()
+def all_commands() -> dict[str, click.Command]:
+    """Return every command of the group by name, loading the modules of those not loaded yet."""
+    ctx = click.Context(cli)
+    return {name: cli.get_command(ctx, name) for name in cli.list_commands(ctx)}
 
 
 def main() -> None:

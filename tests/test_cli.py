@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -15,9 +17,11 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from cli.main import cli
+from cli.main import all_commands, cli
 from tests.conftest import POOL, TARGETS, write_jsonl
 from trimdb.store import Store, head_revision, schema_revision, upgrade_schema
+
+COMMANDS = all_commands()
 
 # Every table that a command can write, in the order the migrations create them.
 TABLES = ("catalog", "runs", "sources", "samples", "tokens", "segments", "skipped",
@@ -303,16 +307,29 @@ def test_migrate_keeps_current_database(built, tmp_path):
 # help --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(cli.commands))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_help_has_example(name):
     result = invoke_ok(name, "--help")
-    assert cli.commands[name].help
+    assert COMMANDS[name].help
     assert f"trimdb {name} " in result.output, f"`trimdb {name} --help` shows no example command line"
+
+
+
+def test_database_commands_start_without_torch(built):
+    """`trimdb sql` and `trimdb info` read the database only, so they import neither torch nor transformers."""
+    db = built["db"]
+    code = ("import sys; from click.testing import CliRunner; from cli.main import cli; "
+            f"sql = CliRunner().invoke(cli, ['sql', '--db', {str(db)!r}, 'SELECT count(*) FROM samples']); "
+            f"info = CliRunner().invoke(cli, ['info', '--db', {str(db)!r}]); "
+            "assert sql.exit_code == 0 and info.exit_code == 0, sql.output + info.output; "
+            "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_help_covers_every_option():
     missing = []
-    for command in [cli, *cli.commands.values()]:
+    for command in [cli, *COMMANDS.values()]:
         for param in command.params:
             if isinstance(param, click.Option) and not (param.help or "").strip():
                 missing.append(f"{command.name} {'/'.join(param.opts)}")

@@ -12,7 +12,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from cli.main import all_commands, cli
+
+COMMANDS = all_commands()
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -69,20 +71,20 @@ def readme_text() -> str:
 # Commands and options ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(cli.commands))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_command_has_help_text(name):
-    assert (cli.commands[name].help or "").strip(), f"`trimdb {name}` has no docstring for --help"
+    assert (COMMANDS[name].help or "").strip(), f"`trimdb {name}` has no docstring for --help"
 
 
 def test_readme_has_section_per_command(readme_text):
     documented = command_sections(readme_text)
-    missing = sorted(name for name in cli.commands if name not in documented)
+    missing = sorted(name for name in COMMANDS if name not in documented)
     assert missing == [], f"README.md has no heading with `trimdb NAME` for: {', '.join(missing)}"
 
 
 def test_help_lists_every_option():
     missing = []
-    for name, command in [("", cli), *sorted(cli.commands.items())]:
+    for name, command in [("", cli), *sorted(COMMANDS.items())]:
         output = help_output(*([name] if name else []))
         prefix = f"trimdb {name}".strip()
         for param in command.params:
@@ -96,7 +98,7 @@ def test_readme_shows_required_options(readme_text):
     """Every required option of a documented command appears in that command's README section."""
     sections = command_sections(readme_text)
     missing = []
-    for name, command in sorted(cli.commands.items()):
+    for name, command in sorted(COMMANDS.items()):
         if name not in sections:
             continue  # reported by test_readme_has_section_per_command
         for param in command.params:
@@ -110,10 +112,10 @@ def test_readme_flags_exist(readme_text):
     """Every --flag in a command's README section is an option of one of the section's commands."""
     unknown = []
     for title, body in readme_sections(readme_text):
-        names = [name for name in COMMAND_IN_HEADING.findall(title) if name in cli.commands]
+        names = [name for name in COMMAND_IN_HEADING.findall(title) if name in COMMANDS]
         if not names:
             continue
-        known = {"--help"} | {flag for name in names for param in cli.commands[name].params
+        known = {"--help"} | {flag for name in names for param in COMMANDS[name].params
                               for flag in option_names(param)}
         unknown += [f"{title}: {flag}" for flag in sorted(set(FLAG.findall(body))) if flag not in known]
     assert unknown == [], f"README sections mention flags that their commands lack: {unknown}"

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from trimdb.baselines import BaselinePool, BaselineScores, scope_token_counts
 from trimdb.errors import InputError, RenderError, TrimdbError
+from trimdb.models import quiet_peft
 from trimdb.records import Message, Sample, detect_format, to_messages
 from trimdb.render import RESPONSE, Renderer, RenderedSample
 from trimdb.scoring import SampleScores
@@ -107,7 +108,7 @@ class GradientFeaturizer:
         config = LoraConfig(r=self.lora_rank, lora_alpha=2 * self.lora_rank, lora_dropout=0.0,
                             target_modules=list(TARGET_MODULES), task_type=TaskType.CAUSAL_LM)
         self.loaded.use_attention("sdpa")  # gradients need no attention maps
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), quiet_peft():
             torch.manual_seed(self.seed)  # the LoRA A matrices start random
             self.peft_model = get_peft_model(self.loaded.model, config)
         self.peft_model.eval()

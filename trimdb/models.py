@@ -13,6 +13,7 @@ identity then carries the adapter's path and a hash of its files as well.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,11 +21,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from trimdb import __version__
 from trimdb.errors import ModelError, ModelMismatchError
+
+if TYPE_CHECKING:  # torch loads in load_model, so commands that only compare identities start fast
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +94,18 @@ def load_model(
 
     With ``adapter``, the LoRA adapter in that folder is applied and merged into the weights.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     folder, gguf_file, name = _resolve(spec)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    # transformers draws a bar per weight load of a few seconds; the log line below reports the load.
+    bars_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -105,6 +113,9 @@ def load_model(
         )
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {name!r} from {folder}: {error}") from error
+    finally:
+        if bars_enabled:
+            transformers_logging.enable_progress_bar()
     weights = weights_sha256(Path(folder) / gguf_file if gguf_file else Path(folder))
     adapter_path = adapter_hash = None
     if adapter is not None:
@@ -151,6 +162,18 @@ def _check_adapter(adapter: str | Path, name: str, weights: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """Hide the FutureWarning that peft 0.21 raises when it wraps a transformers 5 model.
+
+    peft calls ``is_gradient_checkpointing``, which transformers 5 deprecated; the warning concerns
+    peft, not the trimdb user who reads it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def _merge_adapter(model: torch.nn.Module, path: Path, name: str) -> torch.nn.Module:
     """Apply the LoRA adapter in ``path`` to ``model`` and merge it into the weights."""
     from peft import PeftModel
@@ -158,9 +181,7 @@ def _merge_adapter(model: torch.nn.Module, path: Path, name: str) -> torch.nn.Mo
 
     hint = "the adapter was trained for another base model; pass --model with that model"
     try:
-        with warnings.catch_warnings():
-            # peft 0.21 calls a method that transformers 5 deprecated; the warning concerns no trimdb user.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with quiet_peft():
             peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except (RuntimeError, ValueError, KeyError, OSError) as error:
         reason = " ".join(str(error).split())[:300]

@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from trimdb import __version__
 from trimdb.errors import InputError, RenderError, SettingsError
 from trimdb.forward import plan_batches
-from trimdb.models import WARMUP_RECORD, LoadedModel, load_model
+from trimdb.models import WARMUP_RECORD, LoadedModel, load_model, quiet_peft
 from trimdb.records import ON_ERROR, Sample, SkippedRecord, read_corpus
 from trimdb.render import RESPONSE, Renderer
 from trimdb.settings import DTYPES
@@ -291,9 +290,7 @@ def _lora_model(loaded: LoadedModel, settings: WarmupSettings):
         target_modules=list(TARGET_MODULES), task_type=TaskType.CAUSAL_LM,
     )
     loaded.use_attention("sdpa")  # training needs no attention maps
-    with warnings.catch_warnings():
-        # peft 0.21 calls a method that transformers 5 deprecated; the warning concerns no trimdb user.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with quiet_peft():
         peft_model = get_peft_model(loaded.model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
