@@ -87,18 +87,18 @@ def _merge_segment(target: Store, source: Store, segment, run_id: int, source_ca
                    summary: MergeSummary) -> None:
     first, last = source.query("SELECT first_token_key, last_token_key FROM segments WHERE segment_id = ?",
                                [segment.segment_id]).fetchall()[0]
-    samples = source.query(
+    samples = source.query_arrow(
         "SELECT s.*, src.name AS source_name FROM samples s JOIN sources src USING (source_id) "
         "WHERE sample_key IN (SELECT DISTINCT sample_key FROM tokens WHERE token_key BETWEEN ? AND ?) "
-        "ORDER BY sample_key", [first, last]).to_arrow_table()
+        "ORDER BY sample_key", [first, last])
     present = {row[0] for row in target.query("SELECT sample_id FROM samples").fetchall()}
     keep = np.array([sample_id not in present for sample_id in samples["sample_id"].to_pylist()], dtype=bool)
     summary.n_already_present += int((~keep).sum())
     if not keep.any():
         return
     samples = samples.filter(pa.array(keep))
-    tokens = source.query(
-        "SELECT * FROM tokens WHERE token_key BETWEEN ? AND ? ORDER BY token_key", [first, last]).to_arrow_table()
+    tokens = source.query_arrow(
+        "SELECT * FROM tokens WHERE token_key BETWEEN ? AND ? ORDER BY token_key", [first, last])
     kept_keys = set(samples["sample_key"].to_pylist())
     token_keep = np.isin(tokens["sample_key"].to_numpy(), np.fromiter(kept_keys, dtype=np.int64))
     tokens = tokens.filter(pa.array(token_keep))

@@ -26,6 +26,7 @@ from typing import Iterator
 import duckdb
 import faiss
 import numpy as np
+import pyarrow as pa
 import sqlalchemy as sa
 from alembic.ddl.impl import DefaultImpl
 
@@ -125,6 +126,10 @@ class Store:
 
     def query(self, sql: str, parameters: list | tuple | None = None):
         return self.raw.execute(sql, parameters or [])
+
+    def query_arrow(self, sql: str, parameters: list | tuple | None = None) -> pa.Table:
+        """Run a query and return its rows as an Arrow table, without the copy of a DB-API result."""
+        return self.raw.sql(sql, params=list(parameters or [])).to_arrow_table()
 
     def catalog(self) -> dict:
         rows = self.query("SELECT key, value FROM catalog").fetchall()
