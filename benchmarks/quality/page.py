@@ -308,7 +308,8 @@ def _notes(results: dict, plots: dict[str, str]) -> list[str]:
             continue
         if method == "less" and method in methods.get("offered", []):
             lines.append("- less: not run, because on a CPU it costs a forward and a backward pass per pool sample "
-                         "and query (several index passes); add it with `--methods trim,random,bm25,embedding,less`.")
+                         "and query (about three times the compute of the index pass); add it with "
+                         "`--methods trim,random,bm25,embedding,less`.")
         elif method in methods.get("offered", []):
             lines.append(f"- {method}: not run in this mode; add it with `--methods`.")
         else:
