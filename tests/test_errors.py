@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 from tests.conftest import POOL, TARGETS, write_jsonl
 from tests.test_cli import copy_db, index_args, invoke, invoke_ok, query_args, rows, snapshot
 from tests.tiny import save_tiny_model
+from trimdb.errors import InputError
+from trimdb.query import query_tasks
 from trimdb.store import Store
 
 GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Add 2 and 2."},
@@ -166,6 +169,16 @@ def test_query_missing_target_file(db_copy, tmp_path):
     missing = tmp_path / "absent.jsonl"
     result = invoke(*query_args(db, missing, "5%"))
     assert_failed(result, f"{missing}: path not found")
+    assert snapshot(db) == before
+
+
+def test_query_missing_target_before_model_load(db_copy, tmp_path, caplog):
+    """A missing target file fails before the model loads."""
+    db, before = db_copy
+    caplog.set_level(logging.INFO, logger="trimdb")
+    with pytest.raises(InputError, match="path not found"):
+        query_tasks(db, {"math": tmp_path / "absent.jsonl"}, "5%", progress=False)
+    assert [record.message for record in caplog.records if record.name == "trimdb.models"] == []
     assert snapshot(db) == before
 
 

@@ -36,7 +36,6 @@ from trimdb.forward import encode
 from trimdb.indexing import check_index_ready
 from trimdb.less import score_less
 from trimdb.models import check_identity, load_model
-from trimdb.records import read_corpus
 from trimdb.render import PROMPT, RESPONSE, TEMPLATE, Renderer
 from trimdb.saliency import blend_saliency
 from trimdb.scoring import SampleAccumulator, SampleScores, rank_samples, score_tokens
@@ -122,10 +121,13 @@ def query_tasks(
             run_id, results = _query_baseline(store, catalog, tasks, parsed_budget, method, seed, settings, selection,
                                               where, model, adapter, format, progress, arguments)
             return QueryResult(run_id, results, time.perf_counter() - started)
+        # Target files are read first, so a bad one fails before the model loads.
+        targets = {name: read_targets(name, path, format) for name, path in tasks.items()}
         loaded, renderer = _load_index_model(catalog, model, adapter)
 
         loaded.use_attention("eager")
-        results = [_fingerprint_task(name, Path(path), loaded, renderer, settings, format) for name, path in tasks.items()]
+        results = [_fingerprint_task(name, Path(tasks[name]), samples, loaded, renderer, settings)
+                   for name, samples in targets.items()]
         if candidates == "auto":
             n_samples = int(store.query("SELECT count(*) FROM samples").fetchall()[0][0])
             candidates = auto_candidates(budget_size(parsed_budget, n_samples), min(r.n_targets for r in results))
@@ -222,10 +224,7 @@ def _query_baseline(store, catalog, tasks, budget, method, seed, settings: Score
     return run_id, results
 
 
-def _fingerprint_task(name, path, loaded, renderer, settings: ScoreSettings, format) -> TaskResult:
-    samples = list(read_corpus([path], format=format, source=name))
-    if not samples:
-        raise InputError(str(path), None, None, "target file has no records", "give 5 to 10 samples of the target task")
+def _fingerprint_task(name, path, samples, loaded, renderer, settings: ScoreSettings) -> TaskResult:
     sequences, parts = [], []
     for sample in samples:
         try:
