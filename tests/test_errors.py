@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import POOL, TARGETS, write_jsonl
 from tests.test_cli import copy_db, index_args, invoke, invoke_ok, query_args, rows, snapshot
 from tests.tiny import save_tiny_model
-from trimdb.errors import InputError
+from trimdb.errors import InputError, SettingsError
 from trimdb.query import query_tasks
 from trimdb.store import Store
 
@@ -122,6 +122,22 @@ def test_index_missing_corpus(tmp_path, tiny_model_dir):
     assert not db.exists()
 
 
+def test_index_into_non_duckdb_file(tmp_path, tiny_model_dir, pool_file):
+    """DuckDB would open a JSONL file as an empty in-memory database, and the index would vanish."""
+    db = tmp_path / "pool-copy.jsonl"
+    db.write_bytes(pool_file.read_bytes())
+    result = invoke(*index_args(db, tiny_model_dir, pool_file))
+    assert_failed(result, f"{db} is not a DuckDB database file")
+    assert db.read_bytes() == pool_file.read_bytes()
+    assert not Path(f"{db}.vectors").exists()
+
+
+@pytest.mark.parametrize("command", [["info"], ["migrate"], ["sql", "SELECT 1"]])
+def test_read_non_duckdb_file(pool_file, command):
+    result = invoke(command[0], "--db", pool_file, *command[1:])
+    assert_failed(result, f"{pool_file} is not a DuckDB database file")
+
+
 def test_index_too_many_layers(tmp_path, tiny_model_dir, pool_file):
     db = tmp_path / "new.duckdb"
     result = invoke("index", pool_file, "--db", db, "--model", tiny_model_dir, "--layers", 5, "--no-progress")
@@ -178,6 +194,24 @@ def test_query_missing_target_before_model_load(db_copy, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="trimdb")
     with pytest.raises(InputError, match="path not found"):
         query_tasks(db, {"math": tmp_path / "absent.jsonl"}, "5%", progress=False)
+    assert [record.message for record in caplog.records if record.name == "trimdb.models"] == []
+    assert snapshot(db) == before
+
+
+
+@pytest.mark.parametrize("method", ["trim", "bm25", "embedding"])
+def test_query_where_keeps_nothing(db_copy, indexed, method):
+    db, before = db_copy
+    result = invoke(*query_args(db, indexed["target"], "5%"), "--method", method, "--where", "n_tokens < 0")
+    assert_failed(result, "--where 'n_tokens < 0' keeps none of the indexed samples")
+    assert snapshot(db) == before
+
+
+def test_query_invalid_where_before_model_load(db_copy, indexed, caplog):
+    db, before = db_copy
+    caplog.set_level(logging.INFO, logger="trimdb")
+    with pytest.raises(SettingsError, match="invalid --where condition"):
+        query_tasks(db, {"math": indexed["target"]}, "5%", where="no_such_column > 1", progress=False)
     assert [record.message for record in caplog.records if record.name == "trimdb.models"] == []
     assert snapshot(db) == before
 
@@ -281,6 +315,13 @@ def test_sql_write_rejected(db_copy, statement):
 def test_sql_invalid_statement(indexed):
     result = invoke("sql", "--db", indexed["db"], "SELEC * FROM samples")
     assert_failed(result, f"SQL failed on {indexed['db']}", "syntax error")
+
+
+
+@pytest.mark.parametrize("statement", ["", "  ", ";", " ; "])
+def test_sql_empty_statement(indexed, statement):
+    result = invoke("sql", "--db", indexed["db"], statement)
+    assert_failed(result, "the SQL statement is empty")
 
 
 def test_sql_unknown_table(indexed):

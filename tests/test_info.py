@@ -123,8 +123,9 @@ def test_describe_runs(built):
 
 def test_describe_run_seconds(built):
     runs = built["description"]["runs"]
-    assert all(run["seconds"] == run["stats"]["seconds"] for run in runs if run["kind"] == "index")
-    assert all(run["seconds"] > 0 for run in runs if run["kind"] == "index")
+    assert {run["kind"] for run in runs} == {"index", "query"}
+    assert all(run["seconds"] == run["stats"]["seconds"] for run in runs)
+    assert all(run["seconds"] > 0 for run in runs)
     assert all(run["started_at"] <= run["finished_at"] for run in runs)
 
 

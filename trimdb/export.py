@@ -18,6 +18,8 @@ EXPORT_SUFFIXES = (".jsonl", ".parquet")
 
 def run_sql(db_path: str | Path, sql: str, parameters: list | None = None) -> tuple[list[str], list[tuple]]:
     """Run one statement on a read-only connection; return (column names, rows)."""
+    if not sql.strip().strip(";").strip():
+        raise SettingsError('the SQL statement is empty; pass one, for example "SELECT count(*) FROM samples"')
     with Store(db_path, read_only=True) as store:
         # Without external access, a statement reaches only this database's tables: COPY ... TO,
         # EXPORT DATABASE, ATTACH and read_csv are rejected. DuckDB applies the setting to the
@@ -27,7 +29,7 @@ def run_sql(db_path: str | Path, sql: str, parameters: list | None = None) -> tu
             cursor = store.query(sql, parameters)
         except duckdb.Error as error:
             raise SettingsError(_sql_message(error, store.path)) from error
-        if cursor.description is None:
+        if cursor is None or cursor.description is None:
             return [], []
         return [column[0] for column in cursor.description], cursor.fetchall()
 

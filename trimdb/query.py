@@ -117,9 +117,10 @@ def query_tasks(
     started = time.perf_counter()
     with Store(db_path) as store:
         catalog = check_index_ready(store)
+        _check_where(store, where)  # before any model loads
         if method != "trim":
             run_id, results = _query_baseline(store, catalog, tasks, parsed_budget, method, seed, settings, selection,
-                                              where, model, adapter, format, progress, arguments)
+                                              where, model, adapter, format, progress, arguments, started)
             return QueryResult(run_id, results, time.perf_counter() - started)
         # Target files are read first, so a bad one fails before the model loads.
         targets = {name: read_targets(name, path, format) for name, path in tasks.items()}
@@ -139,7 +140,8 @@ def query_tasks(
         selections = _select(store, results, scores, sample_keys, sample_ids, parsed_budget, selection, pool_size)
         run_settings = settings.to_dict() | selection.to_dict() | {
             "method": method, "budget": list(parsed_budget), "where": where, "candidates": candidates}
-        run_id = _write(store, results, scores, sample_keys, selections, run_settings, loaded, arguments or {})
+        run_id = _write(store, results, scores, sample_keys, selections, run_settings, loaded, arguments or {},
+                        started)
     return QueryResult(run_id, results, time.perf_counter() - started)
 
 
@@ -193,7 +195,7 @@ def _check_method(method: str, candidates, seed: int) -> None:
 
 def _query_baseline(store, catalog, tasks, budget, method, seed, settings: ScoreSettings,
                     selection: SelectionSettings, where, model, adapter, format, progress,
-                    arguments) -> tuple[int, list]:
+                    arguments, started: float) -> tuple[int, list]:
     """Score the tasks with a baseline method (trimdb.baselines), then select and write as for TRIM.
 
     The model is loaded for the embedding and less methods only. Baseline runs store no fingerprints.
@@ -220,7 +222,8 @@ def _query_baseline(store, catalog, tasks, budget, method, seed, settings: Score
         run_settings["seed"] = seed
     if method == "less":
         run_settings |= {key: cost[key] for key in ("seed", "projection_dim", "lora_rank")}
-    run_id = _write(store, results, scores, sample_keys, selections, run_settings, None, arguments or {}, cost)
+    run_id = _write(store, results, scores, sample_keys, selections, run_settings, None, arguments or {}, started,
+                    cost)
     return run_id, results
 
 
@@ -333,6 +336,27 @@ def token_similarities(vectors: np.ndarray, fingerprints: np.ndarray) -> np.ndar
     return vectors @ fingerprints.T
 
 
+def _check_where(store: Store, where: str | None) -> None:
+    """Raise SettingsError when ``where`` is not valid SQL over sample_info or keeps no sample."""
+    if where is None:
+        return
+    try:
+        n_kept = store.query(f"SELECT count(*) FROM sample_info WHERE {where}").fetchall()[0][0]
+    except duckdb.Error as error:
+        raise SettingsError(_where_message(where, error)) from error
+    if n_kept == 0:
+        raise SettingsError(
+            f"--where {where!r} keeps none of the indexed samples, so the query would store an empty coreset. "
+            f"Count what a condition keeps with: trimdb sql --db {store.path} "
+            '"SELECT count(*) FROM sample_info WHERE ..."'
+        )
+
+
+def _where_message(where: str, error: duckdb.Error) -> str:
+    return (f"invalid --where condition {where!r}: {str(error).splitlines()[0]}; it is SQL over the sample_info "
+            "view (sample_id, source, path, line, n_turns, n_tokens, truncated, record)")
+
+
 def _allowed_samples(store: Store, sample_keys: np.ndarray, where: str | None) -> np.ndarray:
     """Return a mask over sample slots: the samples that ``where`` (SQL over sample_info) keeps."""
     if where is None:
@@ -340,10 +364,7 @@ def _allowed_samples(store: Store, sample_keys: np.ndarray, where: str | None) -
     try:
         kept = store.query(f"SELECT sample_key FROM sample_info WHERE {where}").fetchnumpy()["sample_key"]
     except duckdb.Error as error:
-        raise SettingsError(
-            f"invalid --where condition {where!r}: {str(error).splitlines()[0]}; it is SQL over the sample_info "
-            "view (sample_id, source, path, line, n_turns, n_tokens, truncated, record)"
-        ) from error
+        raise SettingsError(_where_message(where, error)) from error
     log.info("--where keeps %d of %d samples", len(kept), len(sample_keys))
     return np.isin(sample_keys, np.asarray(kept, dtype=np.int64))
 
@@ -428,7 +449,8 @@ def _deduplicator_factory(store: Store, sample_keys: np.ndarray, selection: Sele
 
 
 def _write(store, results, scores: list[SampleScores], sample_keys, selections: _Selections, run_settings,
-           loaded, arguments, cost: dict | None = None) -> int:
+           loaded, arguments, started: float, cost: dict | None = None) -> int:
+    """Write a query run in one transaction; ``started`` is the perf_counter time at which the query began."""
     with store.transaction() as connection:
         run_id = store.start_run(connection, "query", arguments, run_settings)
         for index, (result, task_scores) in enumerate(zip(results, scores)):
@@ -456,6 +478,7 @@ def _write(store, results, scores: list[SampleScores], sample_keys, selections: 
                 1 for task, removal in selections.removed if task is None and removal.reason == reason)
         if cost is not None:
             stats["cost"] = cost  # seconds and estimated FLOPs of a method that runs the model over the pool
+        stats["seconds"] = round(time.perf_counter() - started, 3)
         store.finish_run(connection, run_id, stats)
     return run_id
 

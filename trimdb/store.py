@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # The trained, empty codec index from which every segment of a trained codec starts.
 CODEC_FILE = "codec.faiss"
+# Every DuckDB database file has these magic bytes at offsets 8 to 11.
+DUCKDB_MAGIC = b"DUCK"
+DUCKDB_MAGIC_END = 12
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Store:
             raise StorageError(f"no trimdb database at {self.path}; build one with `trimdb index CORPUS --db {self.path}`")
         if create and read_only:
             raise ValueError("a store cannot be created read-only")
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            _check_duckdb_header(self.path)
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(
@@ -332,6 +337,20 @@ def _duckdb_write_failure(error: Exception) -> str | None:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _check_duckdb_header(path: Path) -> None:
+    """Raise StorageError when an existing file does not start with a DuckDB header.
+
+    DuckDB opens some other files (a JSONL file, for one) as an empty in-memory database without
+    an error, so writes to it would vanish and reads would fail later with an unrelated message.
+    """
+    with open(path, "rb") as file:
+        header = file.read(DUCKDB_MAGIC_END)
+    if header[DUCKDB_MAGIC_END - len(DUCKDB_MAGIC):] != DUCKDB_MAGIC:
+        raise StorageError(
+            f"{path} is not a DuckDB database file; pass the --db file of a trimdb index, or a new path to create one"
+        )
 
 
 def _lock_message(path: Path, error: Exception) -> str:
