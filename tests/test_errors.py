@@ -15,8 +15,10 @@ import pytest
 from tests.conftest import POOL, TARGETS, write_jsonl
 from tests.test_cli import copy_db, index_args, invoke, invoke_ok, query_args, rows, snapshot
 from tests.tiny import save_tiny_model
-from trimdb.errors import InputError, SettingsError
+from trimdb.errors import InputError, SettingsError, StorageError
+from trimdb.indexing import index_corpus
 from trimdb.query import query_tasks
+from trimdb.settings import IndexSettings, SaliencySettings
 from trimdb.store import Store
 
 GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Add 2 and 2."},
@@ -122,12 +124,14 @@ def test_index_missing_corpus(tmp_path, tiny_model_dir):
     assert not db.exists()
 
 
-def test_index_into_non_duckdb_file(tmp_path, tiny_model_dir, pool_file):
+def test_index_into_non_duckdb_file(tmp_path, tiny_model_dir, pool_file, caplog):
     """DuckDB would open a JSONL file as an empty in-memory database, and the index would vanish."""
     db = tmp_path / "pool-copy.jsonl"
     db.write_bytes(pool_file.read_bytes())
-    result = invoke(*index_args(db, tiny_model_dir, pool_file))
-    assert_failed(result, f"{db} is not a DuckDB database file")
+    caplog.set_level(logging.INFO, logger="trimdb")
+    with pytest.raises(StorageError, match="is not a DuckDB database file"):
+        index_corpus(db, [pool_file], model=str(tiny_model_dir), settings=IndexSettings(saliency=SaliencySettings(layers=2)), progress=False)
+    assert [record.message for record in caplog.records if record.name == "trimdb.models"] == []
     assert db.read_bytes() == pool_file.read_bytes()
     assert not Path(f"{db}.vectors").exists()
 
@@ -297,6 +301,15 @@ def test_export_invalid_where(indexed, tmp_path):
     output = tmp_path / "coreset.jsonl"
     result = invoke("export", "--db", indexed["db"], "--task", "math", "--where", "colour = 'red'", "-o", output)
     assert_failed(result, "invalid --where condition \"colour = 'red'\"", "colour")
+    assert "whose columns are run_id, task, rank, sample_id, source, score" in result.output
+    assert not output.exists()
+
+
+def test_export_where_syntax_error(indexed, tmp_path):
+    output = tmp_path / "coreset.jsonl"
+    result = invoke("export", "--db", indexed["db"], "--task", "math", "--where", "score >", "-o", output)
+    assert_failed(result, "invalid --where condition 'score >'", 'syntax error at or near ">"')
+    assert "ORDER" not in result.output
     assert not output.exists()
 
 

@@ -76,6 +76,8 @@ def export_coreset(
         raise SettingsError(f"cannot export to {output}: the file name must end in {' or '.join(EXPORT_SUFFIXES)}")
     with Store(db_path, read_only=True) as store:
         run_id = resolve_run(store, task, run_id)
+        if where:
+            _check_export_where(store, where)
         condition = f" AND ({where})" if where else ""
         sql = f"SELECT record FROM scored WHERE run_id = ? AND task = ? AND selected{condition} ORDER BY rank"
         try:
@@ -95,6 +97,21 @@ def export_coreset(
     finally:
         temporary.unlink(missing_ok=True)
     return len(records)
+
+
+def _check_export_where(store: Store, where: str) -> None:
+    """Raise SettingsError when ``where`` alone is not a valid condition over the scored view.
+
+    Checked on its own, the error names the condition, not the SQL that export wraps around it.
+    """
+    try:
+        store.query(f"SELECT 1 FROM (SELECT * FROM scored LIMIT 0) WHERE {where}").fetchall()  # binds, reads no row
+    except duckdb.Error as error:
+        columns = ", ".join(row[0] for row in store.query("DESCRIBE scored").fetchall())
+        raise SettingsError(
+            f"invalid --where condition {where!r}: {str(error).splitlines()[0]}; it is SQL over the scored "
+            f"view, whose columns are {columns}"
+        ) from error
 
 
 def _write_parquet(records: list[dict], path: Path) -> None:

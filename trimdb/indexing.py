@@ -36,7 +36,7 @@ from trimdb.render import TEMPLATE, RenderedSample, Renderer
 from trimdb.saliency import blend_saliency
 from trimdb.settings import IndexSettings
 from trimdb.segments import PendingSample, commit_segment, finish_index_run
-from trimdb.store import Store
+from trimdb.store import Store, check_database_file
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ def index_corpus(
     created = not Path(db_path).exists()
     if append and created:
         raise StorageError(f"--append needs an existing index, but {db_path} does not exist; drop --append to create it")
+    if not created:
+        check_database_file(Path(db_path))  # before the model loads
     started = time.perf_counter()
     loaded = load_model(model, dtype=settings.dtype, adapter=adapter)
     if settings.store_saliency:

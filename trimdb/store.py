@@ -68,7 +68,7 @@ class Store:
         if create and read_only:
             raise ValueError("a store cannot be created read-only")
         if self.path.is_file() and self.path.stat().st_size > 0:
-            _check_duckdb_header(self.path)
+            check_database_file(self.path)
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(
@@ -339,7 +339,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
-def _check_duckdb_header(path: Path) -> None:
+def check_database_file(path: Path) -> None:
     """Raise StorageError when an existing file does not start with a DuckDB header.
 
     DuckDB opens some other files (a JSONL file, for one) as an empty in-memory database without
