@@ -104,8 +104,7 @@ def index_corpus(
     created = not Path(db_path).exists()
     if append and created:
         raise StorageError(f"--append needs an existing index, but {db_path} does not exist; drop --append to create it")
-    if not created:
-        check_database_file(Path(db_path))  # before the model loads
+    check_database_file(Path(db_path))  # before the model loads
     started = time.perf_counter()
     loaded = load_model(model, dtype=settings.dtype, adapter=adapter)
     if settings.store_saliency:

@@ -164,7 +164,7 @@ def _check_adapter(adapter: str | Path, name: str, weights: str) -> Path:
 
 @contextlib.contextmanager
 def quiet_peft():
-    """Hide the FutureWarning that peft 0.21 raises when it wraps a transformers 5 model.
+    """Hide the FutureWarning that peft 0.21 emits when it wraps a transformers 5 model.
 
     peft calls ``is_gradient_checkpointing``, which transformers 5 deprecated; the warning concerns
     peft, not the trimdb user who reads it.

@@ -67,8 +67,7 @@ class Store:
             raise StorageError(f"no trimdb database at {self.path}; build one with `trimdb index CORPUS --db {self.path}`")
         if create and read_only:
             raise ValueError("a store cannot be created read-only")
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            check_database_file(self.path)
+        check_database_file(self.path)
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(
@@ -344,7 +343,10 @@ def check_database_file(path: Path) -> None:
 
     DuckDB opens some other files (a JSONL file, for one) as an empty in-memory database without
     an error, so writes to it would vanish and reads would fail later with an unrelated message.
+    A missing or empty file passes: DuckDB creates the first and reports the second itself.
     """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
     with open(path, "rb") as file:
         header = file.read(DUCKDB_MAGIC_END)
     if header[DUCKDB_MAGIC_END - len(DUCKDB_MAGIC):] != DUCKDB_MAGIC:
